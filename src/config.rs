@@ -1,0 +1,401 @@
+//! Layered, strict configuration.
+//!
+//! Layers, later ones win:
+//! 1. built-in defaults that point at the local stack's standard ports;
+//! 2. the env file that `scripts/stack up` writes (`$VIDPIPE_STACK_DIR/env`,
+//!    default `.stack/env`), so that a stack which had to pick other ports
+//!    is found without any configuration;
+//! 3. a TOML file: `$VIDPIPE_CONFIG`, else `vidpipe.toml` if it exists;
+//! 4. `VIDPIPE_*` environment variables (nested keys with `__`, e.g.
+//!    `VIDPIPE_RUNNER__IN_FLIGHT=64`).
+//!
+//! Unknown keys are errors in every layer, so a typo is reported instead of
+//! silently falling back to a default. Secrets (database and broker URLs with
+//! passwords, API keys) are `SecretString`s: their `Debug` output is redacted
+//! and they are exposed only where a client is built.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `VIDPIPE_` prefix that are not settings.
+const NON_SETTING_VARS: &[&str] = &["CONFIG", "STACK_DIR", "LOG", "LOG_FORMAT", "TEST_KEEP"];
+
+/// A configuration problem, naming the setting and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers could not be merged or deserialised (unknown key, wrong type).
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("invalid configuration value for `{key}`: {reason}")]
+    Invalid {
+        /// The setting, as written in the TOML file.
+        key: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The stack's env file exists but cannot be read.
+    #[error("cannot read the stack env file {path}: {source}")]
+    StackFile {
+        /// Path of the env file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Processing guarantee of the stage runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guarantee {
+    /// Outputs, events and input offsets are committed in one Kafka
+    /// transaction; zombies are fenced.
+    ExactlyOnce,
+    /// Outputs are acknowledged before offsets are committed; a crash can
+    /// repeat a record, whose effects are idempotent.
+    AtLeastOnce,
+}
+
+/// Settings of the processor template's runner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// Records processed concurrently per instance and stage; partitions are
+    /// paused when this many are in flight.
+    pub in_flight: usize,
+    /// Attempts for a retryable failure before the record goes to the DLQ.
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt, with full jitter.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of a retry delay.
+    pub backoff_max_ms: u64,
+    /// How often finished work is committed (offsets, and the transaction in
+    /// exactly-once mode). Shorter means fewer repeats after a crash, longer
+    /// means fewer, larger transactions.
+    pub commit_interval_ms: u64,
+    /// How long shutdown waits for in-flight records before releasing them
+    /// (they are then re-run by the next owner of the partition).
+    pub shutdown_grace_ms: u64,
+    /// Consumer group session timeout: how long a silent instance keeps its
+    /// partitions.
+    pub session_timeout_ms: u64,
+    /// Write per-video and per-stage status rows to PostgreSQL.
+    pub status: bool,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            in_flight: 32,
+            max_attempts: 5,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 60_000,
+            commit_interval_ms: 500,
+            shutdown_grace_ms: 30_000,
+            session_timeout_ms: 10_000,
+            status: true,
+        }
+    }
+}
+
+/// The whole configuration. Field names are the TOML keys and, upper-cased
+/// with the `VIDPIPE_` prefix, the environment variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// Confluent-compatible schema registry; empty means Avro single-object
+    /// encoding with the schemas compiled into the binary.
+    pub schema_registry_url: Option<String>,
+    /// PostgreSQL URL (may hold a password).
+    #[serde(serialize_with = "expose")]
+    pub database_url: SecretString,
+    /// RabbitMQ URL for the adapter (may hold a password).
+    #[serde(serialize_with = "expose")]
+    pub amqp_url: SecretString,
+    /// OpenAI-compatible transcription endpoint (base URL ending in `/v1`).
+    pub asr_url: String,
+    /// Model name sent to the transcription endpoint.
+    pub asr_model: String,
+    /// API key for the transcription endpoint.
+    #[serde(serialize_with = "expose_opt")]
+    pub asr_api_key: Option<SecretString>,
+    /// Chat-completions endpoint for summaries; unset means the built-in
+    /// extractive summarizer.
+    pub llm_url: Option<String>,
+    /// Model for the chat-completions endpoint.
+    pub llm_model: Option<String>,
+    /// API key for the chat-completions endpoint.
+    #[serde(serialize_with = "expose_opt")]
+    pub llm_api_key: Option<SecretString>,
+    /// Blob store: a directory, or an `s3://` URL.
+    pub storage: String,
+    /// Prefix of every topic name.
+    pub topic_prefix: String,
+    /// Partitions of topics that `vidpipe run` creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics that `vidpipe run` creates.
+    pub topic_replication: i32,
+    /// Processing guarantee.
+    pub guarantee: Guarantee,
+    /// Comma-separated CIDRs exempt from the download guard (testing only).
+    pub net_allow: String,
+    /// The yt-dlp executable.
+    pub ytdlp: String,
+    /// Runner tuning.
+    pub runner: RunnerConfig,
+}
+
+fn expose<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.expose_secret())
+}
+
+fn expose_opt<S: serde::Serializer>(s: &Option<SecretString>, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(s.expose_secret()),
+        None => ser.serialize_none(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kafka_brokers: "127.0.0.1:9092".into(),
+            schema_registry_url: Some("http://127.0.0.1:8081/apis/ccompat/v7".into()),
+            database_url: "postgres://vidpipe:vidpipe@127.0.0.1:5432/vidpipe".into(),
+            amqp_url: "amqp://vidpipe:vidpipe@127.0.0.1:5672/%2f".into(),
+            asr_url: "http://127.0.0.1:8000/v1".into(),
+            asr_model: "whisper-tiny.en".into(),
+            asr_api_key: None,
+            llm_url: None,
+            llm_model: None,
+            llm_api_key: None,
+            storage: ".stack/blobs".into(),
+            topic_prefix: "vidpipe.".into(),
+            topic_partitions: 6,
+            topic_replication: 1,
+            guarantee: Guarantee::ExactlyOnce,
+            net_allow: String::new(),
+            ytdlp: "yt-dlp".into(),
+            runner: RunnerConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads every layer from the process environment and working directory.
+    pub fn load() -> Result<Self, ConfigError> {
+        let stack_dir = std::env::var_os("VIDPIPE_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".stack"));
+        let file = std::env::var_os("VIDPIPE_CONFIG").map(PathBuf::from);
+        let mut figment = Self::base_figment(&stack_dir)?;
+        match file {
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None => figment = figment.merge(Toml::file("vidpipe.toml")),
+        }
+        let figment = figment.merge(
+            Env::prefixed("VIDPIPE_")
+                .ignore(NON_SETTING_VARS)
+                .split("__"),
+        );
+        Self::from_figment(figment)
+    }
+
+    /// Defaults plus the stack's env file: what a program on this machine
+    /// should use when nothing else is configured. Tests start from here.
+    pub fn local_defaults() -> Result<Self, ConfigError> {
+        let stack_dir = std::env::var_os("VIDPIPE_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".stack"));
+        Self::from_figment(Self::base_figment(&stack_dir)?)
+    }
+
+    fn base_figment(stack_dir: &Path) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let env_file = stack_dir.join("env");
+        if env_file.exists() {
+            let text =
+                std::fs::read_to_string(&env_file).map_err(|source| ConfigError::StackFile {
+                    path: env_file.clone(),
+                    source,
+                })?;
+            figment = figment.merge(Serialized::defaults(parse_env_file(&text)));
+        }
+        Ok(figment)
+    }
+
+    /// Extracts and validates a configuration from a prepared figment.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if config
+            .schema_registry_url
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
+            config.schema_registry_url = None;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(invalid("kafka_brokers", "must name at least one broker"));
+        }
+        check_url(
+            "database_url",
+            self.database_url.expose_secret(),
+            &["postgres", "postgresql"],
+        )?;
+        check_url(
+            "amqp_url",
+            self.amqp_url.expose_secret(),
+            &["amqp", "amqps"],
+        )?;
+        check_url("asr_url", &self.asr_url, &["http", "https"])?;
+        if let Some(url) = &self.schema_registry_url {
+            check_url("schema_registry_url", url, &["http", "https"])?;
+        }
+        if let Some(url) = &self.llm_url {
+            check_url("llm_url", url, &["http", "https"])?;
+        }
+        if self.topic_partitions < 1 {
+            return Err(invalid("topic_partitions", "must be at least 1"));
+        }
+        if self.topic_replication < 1 {
+            return Err(invalid("topic_replication", "must be at least 1"));
+        }
+        if self.runner.in_flight == 0 {
+            return Err(invalid("runner.in_flight", "must be at least 1"));
+        }
+        if self.runner.max_attempts == 0 {
+            return Err(invalid("runner.max_attempts", "must be at least 1"));
+        }
+        if self.runner.backoff_initial_ms > self.runner.backoff_max_ms {
+            return Err(invalid(
+                "runner.backoff_initial_ms",
+                "must not exceed runner.backoff_max_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Full topic name for a suffix such as `video.discovered`.
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}{}", self.topic_prefix, suffix)
+    }
+}
+
+/// Checks that a URL parses and has one of the allowed schemes, without ever
+/// putting the URL itself (which may hold a password) into the error.
+fn check_url(key: &'static str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value).map_err(|e| ConfigError::Invalid {
+        key,
+        reason: format!("not a valid URL ({e})"),
+    })?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!(
+                "scheme `{}` is not one of {}",
+                url.scheme(),
+                schemes.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Parses the stack's `KEY=VALUE` lines into setting names, skipping
+/// comments and the variables that are not settings.
+fn parse_env_file(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .filter_map(|(k, v)| {
+            let key = k.trim().strip_prefix("VIDPIPE_")?;
+            if NON_SETTING_VARS.contains(&key) {
+                return None;
+            }
+            Some((key.to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("kafka_brokerz = \"x:1\""));
+        let err = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(err.contains("kafka_brokerz"), "{err}");
+    }
+
+    #[test]
+    fn bad_urls_name_the_key_and_never_echo_the_secret() {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("database_url = \"mysql://u:hunter2@db/x\""));
+        let err = Config::from_figment(figment).unwrap_err().to_string();
+        assert!(err.contains("database_url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn stack_env_file_sets_defaults_and_skips_non_settings() {
+        let map = parse_env_file(
+            "# comment\nVIDPIPE_KAFKA_BROKERS=127.0.0.1:19092\nVIDPIPE_STACK_DIR=/x\nOTHER=1\n",
+        );
+        assert_eq!(
+            map.get("kafka_brokers").map(String::as_str),
+            Some("127.0.0.1:19092")
+        );
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn empty_registry_url_means_single_object_encoding() {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("schema_registry_url = \"\""));
+        assert!(
+            Config::from_figment(figment)
+                .unwrap()
+                .schema_registry_url
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let figment = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("asr_api_key = \"sk-canary-123\""));
+        let config = Config::from_figment(figment).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("sk-canary-123"));
+        assert!(!shown.contains("vidpipe:vidpipe@"));
+    }
+
+    #[test]
+    fn nested_runner_keys_and_guarantee_parse() {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(
+            "guarantee = \"at-least-once\"\n[runner]\nin_flight = 4\n",
+        ));
+        let config = Config::from_figment(figment).unwrap();
+        assert_eq!(config.guarantee, Guarantee::AtLeastOnce);
+        assert_eq!(config.runner.in_flight, 4);
+    }
+}

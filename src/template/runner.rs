@@ -1,0 +1,1339 @@
+//! The stage runner: one consumer-group member running one [`Stage`].
+//!
+//! Two halves:
+//! - the *loop*, on a dedicated OS thread, owns the Kafka consumer and
+//!   producer. It receives records, keeps per-partition offsets and per-key
+//!   queues, dispatches records to workers, produces what workers return,
+//!   commits, pauses partitions when too much is in flight, and handles
+//!   rebalances. librdkafka's transactional and commit calls block; on their
+//!   own thread they never stall the async executor, and the rebalance
+//!   callback (which librdkafka calls from inside `poll`) can commit
+//!   synchronously before partitions change hands.
+//! - *workers*, async tasks on the Tokio runtime, one per running record:
+//!   decode, status rows, the stage itself with retries and backoff, encode.
+//!   They never touch Kafka: they send their encoded records back to the
+//!   loop.
+//!
+//! Guarantees (see docs/ARCHITECTURE.md for their limits):
+//! - exactly-once: the loop's producer is transactional; outputs, lifecycle
+//!   events, dead letters and the input offsets (with the commit metadata of
+//!   finished records above the lowest unfinished one) are committed in one
+//!   transaction per commit interval. An abortable error aborts and rewinds
+//!   every partition to its committed offsets; a fatal one (fenced by a
+//!   newer instance or generation) also recreates the producer.
+//! - at-least-once: outputs are produced idempotently and an offset moves
+//!   only after every record it covers was acknowledged by the broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use rand::Rng;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::codec::{Codec, CodecError, Decoder, Encoder};
+use super::keyed::KeyedQueue;
+use super::offsets::PartitionOffsets;
+use super::status::{Fence, Finish, StatusStore, WriteOutcome};
+use super::{Context, ErrorClass, Stage, StageError};
+use crate::config::{Config, Guarantee};
+use crate::records::{DEAD_LETTER_SCHEMA, DeadLetter, EventKind, LifecycleEvent, Record, now_ms};
+
+/// Timeout of blocking broker calls (commits, transactions, offsets).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a runner could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// A Kafka client could not be created or initialised.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A schema could not be used or registered.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// The loop thread ended abnormally.
+    #[error("runner loop: {0}")]
+    Loop(String),
+}
+
+/// What a runner needs besides the stage.
+pub struct RunnerSettings {
+    /// The whole configuration (brokers, topic prefix, guarantee, tuning).
+    pub config: Config,
+    /// Consumer group; by default `<prefix><stage>`.
+    pub group: Option<String>,
+    /// This instance's stable identity: the suffix of its transactional id
+    /// (a restart with the same identity fences its previous incarnation at
+    /// once) and the owner recorded on partition leases.
+    pub instance: String,
+    /// Whether success in this stage finishes the video.
+    pub final_stage: bool,
+    /// Where status rows go; `None` runs without database status.
+    pub status: Option<StatusStore>,
+    /// Encoding.
+    pub codec: Arc<Codec>,
+}
+
+/// A record produced by a worker, in bytes, for the loop to send.
+struct Out {
+    topic: Arc<str>,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// A record handed to a worker.
+struct Job {
+    partition: i32,
+    instance: u64,
+    offset: i64,
+    key: Vec<u8>,
+    payload: Option<Vec<u8>>,
+    fence: Option<Fence>,
+    cancel: CancellationToken,
+}
+
+enum WorkerMsg {
+    /// Produce now (a `started` or `retried` event).
+    Produce(Out),
+    /// The record is finished: produce these, then its offset may move.
+    Done {
+        partition: i32,
+        instance: u64,
+        offset: i64,
+        key: Vec<u8>,
+        outs: Vec<Out>,
+        /// The worker lost its authority (lease gone or shut down): the
+        /// record stays unfinished and is run again by the partition's owner.
+        abandoned: bool,
+    },
+}
+
+/// Identifies a record whose deliveries are awaited (at-least-once).
+type Token = Option<(i32, u64, i64)>;
+
+/// Producer context collecting delivery reports for the loop.
+#[derive(Default)]
+struct Deliveries {
+    reports: Mutex<Vec<(Token, Option<String>)>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Token>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: Self::DeliveryOpaque) {
+        let err = result.as_ref().err().map(|(e, _)| e.to_string());
+        lock(&self.reports).push((*token, err));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the loop down with a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Consumer context: rebalance callbacks run inside `poll`, on the loop
+/// thread, and work on the loop's state directly.
+struct RebalanceHook {
+    state: Arc<Mutex<LoopState>>,
+}
+
+impl ClientContext for RebalanceHook {}
+
+impl ConsumerContext for RebalanceHook {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            lock(&self.state).revoke(consumer, &partitions);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut state = lock(&self.state);
+                state
+                    .pending_assign
+                    .extend(tpl.elements().iter().map(|e| e.partition()));
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+struct Partition {
+    /// Distinguishes this ownership from earlier ones of the same partition,
+    /// so results of records from before a rewind or revoke are dropped.
+    instance: u64,
+    fence: Option<Fence>,
+    offsets: PartitionOffsets,
+    keys: KeyedQueue<Job>,
+    /// Cancelled when the partition is revoked or rewound.
+    cancel: CancellationToken,
+}
+
+type Dispatch = Arc<dyn Fn(Job) + Send + Sync>;
+
+struct LoopState {
+    stage: &'static str,
+    guarantee: Guarantee,
+    group: String,
+    input_topic: String,
+    instance_id: String,
+    producer_config: ClientConfig,
+    producer: BaseProducer<Deliveries>,
+    partitions: HashMap<i32, Partition>,
+    pending_assign: Vec<i32>,
+    dispatch: Dispatch,
+    next_instance: u64,
+    /// Something to commit since the last commit.
+    dirty: bool,
+    /// The open transaction hit an error and must be aborted.
+    txn_failed: bool,
+    /// Deliveries awaited per record (at-least-once).
+    awaiting: HashMap<(i32, u64, i64), usize>,
+    /// Workers dispatched and not yet reported.
+    running: usize,
+    paused: bool,
+    in_flight_limit: usize,
+    status: Option<StatusStore>,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+}
+
+/// Runs `stage` until `shutdown` is cancelled, then drains in-flight work
+/// (up to the configured grace), commits and leaves the group.
+pub async fn run<S: Stage>(
+    stage: Arc<S>,
+    settings: RunnerSettings,
+    shutdown: CancellationToken,
+) -> Result<(), RunnerError> {
+    let config = &settings.config;
+    let input_topic = config.topic(S::INPUT);
+    let output_topic: Arc<str> = config.topic(S::OUTPUT).into();
+    let events_topic: Arc<str> = config.topic("events").into();
+    let dlq_topic: Arc<str> = config.topic("dlq").into();
+    let group = settings
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("{}{}", config.topic_prefix, S::NAME));
+
+    let worker = Arc::new(Worker::<S> {
+        stage,
+        decoder: settings.codec.decoder(S::Input::SCHEMA)?,
+        output: settings
+            .codec
+            .encoder(&output_topic, S::Output::SCHEMA)
+            .await?,
+        events: settings
+            .codec
+            .encoder(&events_topic, LifecycleEvent::SCHEMA)
+            .await?,
+        dlq: settings
+            .codec
+            .encoder(&dlq_topic, DEAD_LETTER_SCHEMA)
+            .await?,
+        output_topic,
+        events_topic,
+        dlq_topic,
+        input_topic: input_topic.clone(),
+        status: settings.status.clone(),
+        final_stage: settings.final_stage,
+        max_attempts: config.runner.max_attempts,
+        backoff_initial: Duration::from_millis(config.runner.backoff_initial_ms),
+        backoff_max: Duration::from_millis(config.runner.backoff_max_ms),
+    });
+
+    // Bounded: at most `in_flight` workers run, each sends a handful of
+    // messages, so senders rarely wait.
+    let (tx, rx) = mpsc::channel::<WorkerMsg>(config.runner.in_flight * 4 + 16);
+    let runtime = tokio::runtime::Handle::current();
+    let dispatch: Dispatch = {
+        let runtime = runtime.clone();
+        Arc::new(move |job: Job| {
+            let worker = worker.clone();
+            let tx = tx.clone();
+            runtime.spawn(async move { worker.run(job, tx).await });
+        })
+    };
+
+    let mut consumer_config = ClientConfig::new();
+    consumer_config
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", &group)
+        .set(
+            "client.id",
+            format!("vidpipe-{}-{}", S::NAME, settings.instance),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "session.timeout.ms",
+            config.runner.session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (config.runner.session_timeout_ms / 4).max(500).to_string(),
+        );
+
+    let mut producer_config = ClientConfig::new();
+    producer_config
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set(
+            "client.id",
+            format!("vidpipe-{}-{}", S::NAME, settings.instance),
+        )
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    if config.guarantee == Guarantee::ExactlyOnce {
+        producer_config
+            .set("transactional.id", format!("{group}-{}", settings.instance))
+            // A crashed instance's open transaction blocks read_committed
+            // readers until it times out: keep that short.
+            .set("transaction.timeout.ms", "30000");
+    }
+
+    let producer: BaseProducer<Deliveries> =
+        producer_config.create_with_context(Deliveries::default())?;
+    let state = Arc::new(Mutex::new(LoopState {
+        stage: S::NAME,
+        guarantee: config.guarantee,
+        group: group.clone(),
+        input_topic: input_topic.clone(),
+        instance_id: settings.instance.clone(),
+        producer_config,
+        producer,
+        partitions: HashMap::new(),
+        pending_assign: Vec::new(),
+        dispatch,
+        next_instance: 0,
+        dirty: false,
+        txn_failed: false,
+        awaiting: HashMap::new(),
+        running: 0,
+        paused: false,
+        in_flight_limit: config.runner.in_flight,
+        status: settings.status.clone(),
+        runtime,
+        shutdown: shutdown.clone(),
+    }));
+    let consumer: BaseConsumer<RebalanceHook> =
+        consumer_config.create_with_context(RebalanceHook {
+            state: state.clone(),
+        })?;
+
+    let commit_interval = Duration::from_millis(config.runner.commit_interval_ms);
+    let grace = Duration::from_millis(config.runner.shutdown_grace_ms);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("vidpipe-{}", S::NAME))
+        .spawn(move || {
+            let result = event_loop(consumer, state, rx, &input_topic, commit_interval, grace);
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| RunnerError::Loop(e.to_string()))?;
+    done_rx
+        .await
+        .map_err(|_| RunnerError::Loop("the loop thread ended without a result".into()))?
+}
+
+fn event_loop(
+    consumer: BaseConsumer<RebalanceHook>,
+    state: Arc<Mutex<LoopState>>,
+    mut rx: mpsc::Receiver<WorkerMsg>,
+    input_topic: &str,
+    commit_interval: Duration,
+    grace: Duration,
+) -> Result<(), RunnerError> {
+    {
+        let s = lock(&state);
+        if s.guarantee == Guarantee::ExactlyOnce {
+            s.producer.init_transactions(BROKER_TIMEOUT)?;
+            s.producer.begin_transaction()?;
+        }
+    }
+    consumer.subscribe(&[input_topic])?;
+    let stage = lock(&state).stage;
+    info!(stage, topic = input_topic, "runner started");
+    let mut next_commit = Instant::now() + commit_interval;
+    let mut next_lag = Instant::now();
+    let mut drain_deadline: Option<Instant> = None;
+
+    loop {
+        let shutting_down = lock(&state).shutdown.is_cancelled();
+        if shutting_down && drain_deadline.is_none() {
+            info!(stage, "shutting down: finishing in-flight records");
+            drain_deadline = Some(Instant::now() + grace);
+            lock(&state).pause_all(&consumer);
+        }
+        if let Some(deadline) = drain_deadline {
+            let running = lock(&state).running;
+            if running == 0 || Instant::now() >= deadline {
+                let mut s = lock(&state);
+                s.drain_messages(&mut rx);
+                s.settle_deliveries(&consumer);
+                s.commit(&consumer);
+                if running > 0 {
+                    warn!(
+                        stage,
+                        running,
+                        "grace period over: unfinished records will run again on the next owner"
+                    );
+                }
+                s.release_all();
+                break;
+            }
+        }
+        // Short polls while workers are busy, so their results are produced
+        // promptly; longer ones when idle.
+        let busy = lock(&state).running > 0;
+        let timeout = Duration::from_millis(if busy { 2 } else { 100 });
+        let message = consumer.poll(timeout);
+        let mut s = lock(&state);
+        s.take_assignments(&consumer);
+        match message {
+            Some(Ok(m)) if drain_deadline.is_none() => s.receive(&m),
+            // Fetched before the pause took effect: not started, so it is
+            // simply left for the next owner (its offset is not committed).
+            Some(Ok(_)) => {}
+            Some(Err(e)) => warn!(stage, error = %e, "consumer error"),
+            None => {}
+        }
+        s.drain_messages(&mut rx);
+        s.producer.poll(Duration::ZERO);
+        s.take_deliveries(&consumer);
+        if drain_deadline.is_none() {
+            s.backpressure(&consumer);
+        }
+        if Instant::now() >= next_commit {
+            s.commit(&consumer);
+            next_commit = Instant::now() + commit_interval;
+        }
+        if Instant::now() >= next_lag {
+            s.report_lag(&consumer);
+            next_lag = Instant::now() + Duration::from_secs(10);
+        }
+    }
+    consumer.unsubscribe();
+    info!(stage, "runner stopped");
+    Ok(())
+}
+
+impl LoopState {
+    fn take_assignments<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if self.pending_assign.is_empty() {
+            return;
+        }
+        let partitions = std::mem::take(&mut self.pending_assign);
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(&self.input_topic, *p);
+        }
+        let committed = match consumer.committed_offsets(tpl, BROKER_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                // Without the committed metadata nothing is known to be
+                // done: records are re-run, never lost.
+                warn!(stage = self.stage, error = %e, "cannot read committed offsets");
+                TopicPartitionList::new()
+            }
+        };
+        for p in partitions {
+            let (position, metadata) = committed
+                .find_partition(&self.input_topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some((o, e.metadata().to_string())),
+                    _ => None,
+                })
+                .unwrap_or((0, String::new()));
+            let fence = self.lease(p);
+            self.next_instance += 1;
+            debug!(
+                stage = self.stage,
+                partition = p,
+                position,
+                "partition assigned"
+            );
+            self.partitions.insert(
+                p,
+                Partition {
+                    instance: self.next_instance,
+                    fence,
+                    offsets: PartitionOffsets::from_commit(position, &metadata),
+                    keys: KeyedQueue::default(),
+                    cancel: self.shutdown.child_token(),
+                },
+            );
+        }
+        if self.paused {
+            self.paused = false;
+            self.backpressure(consumer);
+        }
+    }
+
+    /// Takes the partition's lease for database writes (fencing zombies).
+    fn lease(&self, partition: i32) -> Option<Fence> {
+        let status = self.status.as_ref()?;
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..8 {
+            match self.runtime.block_on(status.acquire(
+                &self.group,
+                &self.input_topic,
+                partition,
+                &self.instance_id,
+            )) {
+                Ok(epoch) => {
+                    return Some(Fence {
+                        group: self.group.clone(),
+                        topic: self.input_topic.clone(),
+                        partition,
+                        epoch,
+                    });
+                }
+                Err(e) => {
+                    warn!(stage = self.stage, partition, error = %e, "cannot take partition lease; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Status writes of this partition will be refused (no valid
+        // lease) and logged; processing and outputs go on.
+        error!(
+            stage = self.stage,
+            partition, "no partition lease: status rows will not be written"
+        );
+        Some(Fence {
+            group: self.group.clone(),
+            topic: self.input_topic.clone(),
+            partition,
+            epoch: -1,
+        })
+    }
+
+    fn receive<M: Message>(&mut self, m: &M) {
+        let p = m.partition();
+        let offset = m.offset();
+        let Some(part) = self.partitions.get_mut(&p) else {
+            return;
+        };
+        counter!("vidpipe_records_in_total", "stage" => self.stage).increment(1);
+        if !part.offsets.receive(offset) {
+            counter!("vidpipe_records_skipped_total", "stage" => self.stage).increment(1);
+            return;
+        }
+        // Records without a key have no order to keep: each is its own key.
+        let key = m
+            .key()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_else(|| format!("@{offset}").into_bytes());
+        let job = Job {
+            partition: p,
+            instance: part.instance,
+            offset,
+            key: key.clone(),
+            payload: m.payload().map(<[u8]>::to_vec),
+            fence: part.fence.clone(),
+            cancel: part.cancel.child_token(),
+        };
+        if let Some(job) = part.keys.push(&key, job) {
+            self.running += 1;
+            (self.dispatch)(job);
+        }
+        gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
+    }
+
+    fn drain_messages(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) {
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                WorkerMsg::Produce(out) => self.produce(out, None),
+                WorkerMsg::Done {
+                    partition,
+                    instance,
+                    offset,
+                    key,
+                    outs,
+                    abandoned,
+                } => {
+                    self.running -= 1;
+                    let Some(part) = self.partitions.get_mut(&partition) else {
+                        continue;
+                    };
+                    if part.instance != instance {
+                        continue;
+                    }
+                    if let Some(next) = part.keys.finish(&key) {
+                        self.running += 1;
+                        (self.dispatch)(next);
+                    }
+                    if abandoned {
+                        continue;
+                    }
+                    match self.guarantee {
+                        Guarantee::ExactlyOnce => {
+                            for out in outs {
+                                self.produce(out, None);
+                            }
+                            if let Some(part) = self.partitions.get_mut(&partition) {
+                                part.offsets.complete(offset);
+                            }
+                            self.dirty = true;
+                        }
+                        Guarantee::AtLeastOnce if outs.is_empty() => {
+                            part.offsets.complete(offset);
+                            self.dirty = true;
+                        }
+                        Guarantee::AtLeastOnce => {
+                            self.awaiting
+                                .insert((partition, instance, offset), outs.len());
+                            for out in outs {
+                                self.produce(out, Some((partition, instance, offset)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
+    }
+
+    fn produce(&mut self, out: Out, token: Token) {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (k, v) in &out.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = BaseRecord::with_opaque_to(&out.topic, Box::new(token))
+            .key(&out.key)
+            .payload(&out.payload)
+            .headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => {
+                    counter!("vidpipe_records_out_total", "stage" => self.stage).increment(1);
+                    return;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The local queue is bounded: wait for deliveries.
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    error!(stage = self.stage, error = %e, "cannot produce");
+                    self.delivery_failed(token);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn delivery_failed(&mut self, token: Token) {
+        match (self.guarantee, token) {
+            (Guarantee::ExactlyOnce, _) => self.txn_failed = true,
+            (Guarantee::AtLeastOnce, Some((p, instance, _))) => {
+                // The record's offset never moves; rewinding the partition
+                // re-runs it (and its neighbours, idempotently).
+                self.awaiting.retain(|k, _| k.0 != p || k.1 != instance);
+                self.pending_rewind(p);
+            }
+            (Guarantee::AtLeastOnce, None) => {}
+        }
+    }
+
+    fn pending_rewind(&mut self, p: i32) {
+        if let Some(part) = self.partitions.get_mut(&p) {
+            part.cancel.cancel();
+            // Marking the instance stale makes every in-flight result drop;
+            // the actual seek happens in rewind() at the next commit.
+            part.instance = 0;
+        }
+        self.txn_failed = true;
+    }
+
+    fn take_deliveries<C: ConsumerContext>(&mut self, _consumer: &BaseConsumer<C>) {
+        let reports = std::mem::take(&mut *lock(&self.producer.context().reports));
+        for (token, err) in reports {
+            if let Some(e) = err {
+                error!(stage = self.stage, error = %e, "delivery failed");
+                self.delivery_failed(token);
+                continue;
+            }
+            let Some(key) = token else { continue };
+            let Some(left) = self.awaiting.get_mut(&key) else {
+                continue;
+            };
+            *left -= 1;
+            if *left == 0 {
+                self.awaiting.remove(&key);
+                if let Some(part) = self.partitions.get_mut(&key.0)
+                    && part.instance == key.1
+                {
+                    part.offsets.complete(key.2);
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Waits for every outstanding delivery (before a commit that must
+    /// include them).
+    fn settle_deliveries<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if self.guarantee == Guarantee::AtLeastOnce && !self.awaiting.is_empty() {
+            if let Err(e) = self.producer.flush(BROKER_TIMEOUT) {
+                warn!(stage = self.stage, error = %e, "flush before commit failed");
+            }
+            self.take_deliveries(consumer);
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|p| p.offsets.in_flight())
+            .sum()
+    }
+
+    fn backpressure<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let buffered = self.buffered();
+        if !self.paused && buffered >= self.in_flight_limit {
+            self.pause_all(consumer);
+        } else if self.paused && buffered < (self.in_flight_limit * 3 / 4).max(1) {
+            if let Ok(tpl) = consumer.assignment()
+                && let Err(e) = consumer.resume(&tpl)
+            {
+                warn!(stage = self.stage, error = %e, "cannot resume partitions");
+            }
+            self.paused = false;
+        }
+    }
+
+    fn pause_all<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if let Ok(tpl) = consumer.assignment()
+            && let Err(e) = consumer.pause(&tpl)
+        {
+            warn!(stage = self.stage, error = %e, "cannot pause partitions");
+        }
+        self.paused = true;
+    }
+
+    fn commit_list(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (p, part) in &self.partitions {
+            if part.instance == 0 {
+                continue;
+            }
+            let (position, metadata) = part.offsets.commit_point();
+            let mut elem = tpl.add_partition(&self.input_topic, *p);
+            if elem.set_offset(Offset::Offset(position)).is_ok() {
+                elem.set_metadata(metadata);
+            }
+        }
+        tpl
+    }
+
+    /// Commits finished work: offsets (and, in exactly-once mode, the
+    /// transaction holding the outputs).
+    fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let started = Instant::now();
+        match self.guarantee {
+            Guarantee::ExactlyOnce => {
+                if self.txn_failed {
+                    self.abort_and_rewind(consumer, false);
+                    return;
+                }
+                if !self.dirty {
+                    return;
+                }
+                let Some(group) = consumer.group_metadata() else {
+                    return;
+                };
+                let tpl = self.commit_list();
+                let result = self
+                    .producer
+                    .send_offsets_to_transaction(&tpl, &group, BROKER_TIMEOUT)
+                    .and_then(|()| self.producer.commit_transaction(BROKER_TIMEOUT));
+                match result {
+                    Ok(()) => {
+                        self.dirty = false;
+                        if let Err(e) = self.producer.begin_transaction() {
+                            error!(stage = self.stage, error = %e, "cannot begin transaction");
+                            self.abort_and_rewind(consumer, true);
+                        }
+                    }
+                    Err(KafkaError::Transaction(e)) if e.is_fatal() => {
+                        warn!(stage = self.stage, error = %e, "producer fenced or failed: recreating it");
+                        self.abort_and_rewind(consumer, true);
+                    }
+                    Err(e) => {
+                        warn!(stage = self.stage, error = %e, "transaction commit failed: aborting and rewinding");
+                        self.abort_and_rewind(consumer, false);
+                    }
+                }
+            }
+            Guarantee::AtLeastOnce => {
+                if self.txn_failed {
+                    self.txn_failed = false;
+                    self.rewind(consumer, true);
+                    return;
+                }
+                if !self.dirty {
+                    return;
+                }
+                let tpl = self.commit_list();
+                match consumer.commit(&tpl, CommitMode::Sync) {
+                    Ok(()) => self.dirty = false,
+                    Err(e) => {
+                        warn!(stage = self.stage, error = %e, "offset commit failed; will retry")
+                    }
+                }
+            }
+        }
+        histogram!("vidpipe_commit_seconds", "stage" => self.stage)
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    fn abort_and_rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, recreate: bool) {
+        counter!("vidpipe_transaction_aborts_total", "stage" => self.stage).increment(1);
+        let mut recreate = recreate;
+        if !recreate && let Err(e) = self.producer.abort_transaction(BROKER_TIMEOUT) {
+            warn!(stage = self.stage, error = %e, "abort failed: recreating the producer");
+            recreate = true;
+        }
+        if recreate {
+            match self
+                .producer_config
+                .create_with_context::<_, BaseProducer<Deliveries>>(Deliveries::default())
+            {
+                Ok(p) => {
+                    self.producer = p;
+                    if let Err(e) = self.producer.init_transactions(BROKER_TIMEOUT) {
+                        error!(stage = self.stage, error = %e, "cannot initialise transactions");
+                    }
+                }
+                Err(e) => error!(stage = self.stage, error = %e, "cannot recreate producer"),
+            }
+        }
+        if let Err(e) = self.producer.begin_transaction() {
+            error!(stage = self.stage, error = %e, "cannot begin transaction after abort");
+        }
+        self.txn_failed = false;
+        self.dirty = false;
+        self.rewind(consumer, false);
+    }
+
+    /// Forgets in-memory progress and seeks every partition back to its
+    /// committed offset: the aborted outputs are produced again.
+    fn rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, only_stale: bool) {
+        let targets: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, p)| !only_stale || p.instance == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        for p in &targets {
+            if let Some(part) = self.partitions.remove(p) {
+                part.cancel.cancel();
+            }
+        }
+        self.awaiting.retain(|k, _| !targets.contains(&k.0));
+        self.pending_assign.extend(targets.iter().copied());
+        // Re-read the committed offsets (and take fresh leases), then seek.
+        self.take_assignments(consumer);
+        let mut tpl = TopicPartitionList::new();
+        for p in &targets {
+            let position = self
+                .partitions
+                .get(p)
+                .map(|part| part.offsets.position())
+                .unwrap_or(0);
+            let _ = tpl.add_partition_offset(&self.input_topic, *p, Offset::Offset(position));
+        }
+        if let Err(e) = consumer.seek_partitions(tpl, BROKER_TIMEOUT) {
+            error!(stage = self.stage, error = %e, "cannot seek after rewind");
+        }
+        info!(stage = self.stage, partitions = ?targets, "rewound to committed offsets");
+    }
+
+    /// Partitions are being taken away: commit what is finished, then
+    /// forget them (their unfinished records run on the new owner).
+    fn revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
+        if consumer.assignment_lost() {
+            // Our membership is gone: a commit would be refused, and the
+            // open transaction would be fenced. Abort it.
+            if self.guarantee == Guarantee::ExactlyOnce {
+                let _ = self.producer.abort_transaction(BROKER_TIMEOUT);
+                let _ = self.producer.begin_transaction();
+                self.dirty = false;
+                self.txn_failed = false;
+            }
+        } else {
+            self.settle_deliveries(consumer);
+            self.commit(consumer);
+        }
+        for p in partitions {
+            if let Some(part) = self.partitions.remove(p) {
+                part.cancel.cancel();
+            }
+        }
+        self.awaiting.retain(|k, _| !partitions.contains(&k.0));
+        debug!(stage = self.stage, ?partitions, "partitions revoked");
+    }
+
+    fn release_all(&mut self) {
+        for part in self.partitions.values() {
+            part.cancel.cancel();
+        }
+        self.partitions.clear();
+    }
+
+    fn report_lag<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        for (p, part) in &self.partitions {
+            if let Ok((_, high)) =
+                consumer.fetch_watermarks(&self.input_topic, *p, Duration::from_secs(1))
+            {
+                let lag = (high - part.offsets.position()).max(0);
+                gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
+                    .set(lag as f64);
+            }
+        }
+    }
+}
+
+/// Everything a worker needs, shared by all workers of a runner.
+struct Worker<S: Stage> {
+    stage: Arc<S>,
+    decoder: Decoder,
+    output: Encoder,
+    events: Encoder,
+    dlq: Encoder,
+    output_topic: Arc<str>,
+    events_topic: Arc<str>,
+    dlq_topic: Arc<str>,
+    input_topic: String,
+    status: Option<StatusStore>,
+    final_stage: bool,
+    max_attempts: u32,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+/// How a record ended, for the worker's bookkeeping.
+enum Ending {
+    Outputs(Vec<Out>),
+    Abandoned,
+}
+
+impl<S: Stage> Worker<S> {
+    async fn run(self: Arc<Self>, job: Job, tx: mpsc::Sender<WorkerMsg>) {
+        let ending = self.process(&job, &tx).await;
+        let (outs, abandoned) = match ending {
+            Ending::Outputs(outs) => (outs, false),
+            Ending::Abandoned => (Vec::new(), true),
+        };
+        // The loop may be gone after shutdown; then there is nothing to do.
+        let _ = tx
+            .send(WorkerMsg::Done {
+                partition: job.partition,
+                instance: job.instance,
+                offset: job.offset,
+                key: job.key,
+                outs,
+                abandoned,
+            })
+            .await;
+    }
+
+    fn backoff(&self, attempt: u32, asked: Option<Duration>) -> Duration {
+        if let Some(after) = asked {
+            return after.min(self.backoff_max);
+        }
+        // Full jitter: uniformly random up to the exponential bound, so that
+        // many records failing together do not retry together.
+        let bound = self
+            .backoff_initial
+            .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16))
+            .min(self.backoff_max);
+        let ms = rand::rng().random_range(0..=bound.as_millis() as u64);
+        Duration::from_millis(ms)
+    }
+
+    async fn process(&self, job: &Job, tx: &mpsc::Sender<WorkerMsg>) -> Ending {
+        let payload = job.payload.as_deref().unwrap_or_default();
+        let mut decode_attempt = 1;
+        let input: S::Input = loop {
+            match self.decoder.decode(payload).await {
+                Ok(v) => break v,
+                Err(e) if e.is_retryable() && decode_attempt < self.max_attempts => {
+                    warn!(stage = S::NAME, error = %e, "cannot decode yet; retrying");
+                    if self.sleep(job, self.backoff(decode_attempt, None)).await {
+                        return Ending::Abandoned;
+                    }
+                    decode_attempt += 1;
+                }
+                Err(e) => {
+                    counter!("vidpipe_failures_total", "stage" => S::NAME, "class" => "undecodable")
+                        .increment(1);
+                    warn!(stage = S::NAME, partition = job.partition, offset = job.offset, error = %e,
+                          "undecodable record sent to the dead-letter topic");
+                    return Ending::Outputs(vec![self.dead_letter(
+                        job,
+                        None,
+                        "undecodable",
+                        &e.to_string(),
+                        decode_attempt,
+                    )]);
+                }
+            }
+        };
+        let meta = input.meta().clone();
+        let span = info_span!("record", stage = S::NAME, video_id = %meta.video_id,
+                              generation = meta.generation, trace_id = %meta.trace_id,
+                              partition = job.partition, offset = job.offset);
+        self.process_decoded(job, input, tx).instrument(span).await
+    }
+
+    async fn process_decoded(
+        &self,
+        job: &Job,
+        input: S::Input,
+        tx: &mpsc::Sender<WorkerMsg>,
+    ) -> Ending {
+        let meta = input.meta().clone();
+        let started = Instant::now();
+        let mut attempt: u32 = 1;
+        loop {
+            if job.cancel.is_cancelled() {
+                return Ending::Abandoned;
+            }
+            if let (Some(status), Some(fence)) = (&self.status, &job.fence) {
+                let write = self
+                    .with_db_retries(job, || {
+                        status.started(fence, &meta, input.url(), S::NAME, attempt as i32)
+                    })
+                    .await;
+                if write == Some(WriteOutcome::Fenced) {
+                    info!("partition lease lost: leaving the record to its new owner");
+                    return Ending::Abandoned;
+                }
+            }
+            if attempt == 1 {
+                let _ = tx
+                    .send(WorkerMsg::Produce(self.event(
+                        job,
+                        &meta,
+                        EventKind::Started,
+                        attempt,
+                        None,
+                        None,
+                    )))
+                    .await;
+            }
+            let ctx = Context {
+                stage: S::NAME,
+                meta: meta.clone(),
+                attempt,
+                cancel: job.cancel.clone(),
+            };
+            let t0 = Instant::now();
+            let result = self.stage.process(input.clone(), &ctx).await;
+            histogram!("vidpipe_processing_seconds", "stage" => S::NAME)
+                .record(t0.elapsed().as_secs_f64());
+            let result = result.and_then(|outputs| self.encode_outputs(&outputs));
+            match result {
+                Ok((outs, refs)) => {
+                    let took = started.elapsed();
+                    let mut outs = outs;
+                    outs.push(self.event(
+                        job,
+                        &meta,
+                        EventKind::Succeeded,
+                        attempt,
+                        Some(took),
+                        None,
+                    ));
+                    if !self
+                        .finish(job, &meta, attempt, true, took, None, Some(refs))
+                        .await
+                    {
+                        return Ending::Abandoned;
+                    }
+                    return Ending::Outputs(outs);
+                }
+                Err(e)
+                    if e.class == ErrorClass::Retryable
+                        && attempt < self.max_attempts
+                        && !job.cancel.is_cancelled() =>
+                {
+                    counter!("vidpipe_failures_total", "stage" => S::NAME, "class" => "retryable")
+                        .increment(1);
+                    warn!(attempt, error = %e, "retryable failure");
+                    let _ = tx
+                        .send(WorkerMsg::Produce(self.event(
+                            job,
+                            &meta,
+                            EventKind::Retried,
+                            attempt,
+                            Some(t0.elapsed()),
+                            Some(&e),
+                        )))
+                        .await;
+                    if self.sleep(job, self.backoff(attempt, e.retry_after)).await {
+                        return Ending::Abandoned;
+                    }
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if job.cancel.is_cancelled() {
+                        return Ending::Abandoned;
+                    }
+                    let took = started.elapsed();
+                    let class = if e.class == ErrorClass::Retryable {
+                        format!("retries_exhausted:{}", e.kind)
+                    } else {
+                        e.class_label()
+                    };
+                    counter!("vidpipe_failures_total", "stage" => S::NAME, "class" => e.class.as_str())
+                        .increment(1);
+                    warn!(attempt, error = %e, "record failed for good: dead-lettered");
+                    let outs = vec![
+                        self.event(job, &meta, EventKind::Failed, attempt, Some(took), Some(&e)),
+                        self.dead_letter(
+                            job,
+                            Some(&meta.video_id),
+                            &class,
+                            &e.to_string(),
+                            attempt,
+                        ),
+                    ];
+                    if !self
+                        .finish(
+                            job,
+                            &meta,
+                            attempt,
+                            false,
+                            took,
+                            Some((&class, &e.to_string())),
+                            None,
+                        )
+                        .await
+                    {
+                        return Ending::Abandoned;
+                    }
+                    return Ending::Outputs(outs);
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless cancelled; returns `true` when cancelled.
+    async fn sleep(&self, job: &Job, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = job.cancel.cancelled() => true,
+        }
+    }
+
+    /// Runs a status write, retrying while the database is unreachable.
+    /// `None` when it never succeeded (logged; processing goes on, since
+    /// the Kafka outputs are the source of truth and status is idempotent).
+    async fn with_db_retries<F, Fut>(&self, job: &Job, write: F) -> Option<WriteOutcome>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<WriteOutcome, sqlx::Error>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..8 {
+            match write().await {
+                Ok(outcome) => return Some(outcome),
+                Err(e) => {
+                    warn!(error = %e, "status write failed; retrying");
+                    if self.sleep(job, delay).await {
+                        return None;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        error!("status write failed for good");
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        job: &Job,
+        meta: &crate::records::Meta,
+        attempt: u32,
+        ok: bool,
+        took: Duration,
+        error: Option<(&str, &str)>,
+        output: Option<serde_json::Value>,
+    ) -> bool {
+        let (Some(status), Some(fence)) = (&self.status, &job.fence) else {
+            return true;
+        };
+        let finish = Finish {
+            ok,
+            duration_ms: took.as_millis() as i64,
+            error_class: error.map(|e| e.0),
+            error: error.map(|e| e.1),
+            output,
+            final_stage: self.final_stage,
+        };
+        let outcome = self
+            .with_db_retries(job, || {
+                status.finished(fence, meta, S::NAME, attempt as i32, &finish)
+            })
+            .await;
+        if outcome == Some(WriteOutcome::Fenced) {
+            info!(
+                "partition lease lost before the result was recorded: leaving the record to its new owner"
+            );
+            return false;
+        }
+        true
+    }
+
+    fn encode_outputs(
+        &self,
+        outputs: &[S::Output],
+    ) -> Result<(Vec<Out>, serde_json::Value), StageError> {
+        let mut outs = Vec::with_capacity(outputs.len() + 1);
+        let mut ids = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let payload = self
+                .output
+                .encode(o)
+                .map_err(|e| StageError::permanent("encode", e.to_string()))?;
+            ids.push(o.meta().video_id.clone());
+            outs.push(Out {
+                topic: self.output_topic.clone(),
+                key: o.meta().video_id.clone().into_bytes(),
+                payload,
+                headers: vec![("vidpipe.generation", o.meta().generation.to_string())],
+            });
+        }
+        Ok((
+            outs,
+            serde_json::json!({ "topic": &*self.output_topic, "videos": ids }),
+        ))
+    }
+
+    fn event(
+        &self,
+        job: &Job,
+        meta: &crate::records::Meta,
+        kind: EventKind,
+        attempt: u32,
+        took: Option<Duration>,
+        error: Option<&StageError>,
+    ) -> Out {
+        let event = LifecycleEvent {
+            meta: meta.clone(),
+            stage: S::NAME.to_string(),
+            kind,
+            attempt: attempt as i32,
+            at: now_ms(),
+            duration_ms: took.map(|d| d.as_millis() as i64),
+            error_class: error.map(StageError::class_label),
+            error: error.map(|e| e.message.clone()),
+            input_topic: self.input_topic.clone(),
+            input_partition: job.partition,
+            input_offset: job.offset,
+        };
+        // Our own record type always fits its schema; if it ever did not,
+        // an empty payload is sent rather than losing the record's progress.
+        let payload = self.events.encode(&event).unwrap_or_else(|e| {
+            error!(error = %e, "cannot encode lifecycle event");
+            Vec::new()
+        });
+        Out {
+            topic: self.events_topic.clone(),
+            key: meta.video_id.clone().into_bytes(),
+            payload,
+            headers: vec![("vidpipe.event", kind.as_str().to_string())],
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        job: &Job,
+        video_id: Option<&str>,
+        class: &str,
+        error: &str,
+        attempts: u32,
+    ) -> Out {
+        counter!("vidpipe_dead_letters_total", "stage" => S::NAME).increment(1);
+        let letter = DeadLetter {
+            video_id: video_id.map(str::to_string),
+            stage: S::NAME.to_string(),
+            topic: self.input_topic.clone(),
+            partition: job.partition,
+            offset: job.offset,
+            key: Some(job.key.clone()),
+            payload: job.payload.clone(),
+            error_class: class.to_string(),
+            error: error.to_string(),
+            attempts: attempts as i32,
+            at: now_ms(),
+        };
+        let payload = self.dlq.encode(&letter).unwrap_or_else(|e| {
+            error!(error = %e, "cannot encode dead letter");
+            Vec::new()
+        });
+        Out {
+            topic: self.dlq_topic.clone(),
+            key: job.key.clone(),
+            payload,
+            headers: vec![
+                ("vidpipe.stage", S::NAME.to_string()),
+                ("vidpipe.attempt", attempts.to_string()),
+                ("vidpipe.error.class", class.to_string()),
+                ("vidpipe.error.message", truncate(error, 1000)),
+                ("vidpipe.source.topic", self.input_topic.clone()),
+                ("vidpipe.source.partition", job.partition.to_string()),
+                ("vidpipe.source.offset", job.offset.to_string()),
+            ],
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Reads a header of a consumed record as text (for tools and tests).
+pub fn header<'a, H: Headers>(headers: &'a H, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}

@@ -1,0 +1,88 @@
+//! Shared test fixtures: the stack's configuration, fresh databases, random
+//! topic names, and failures that say which service is missing.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use sqlx::PgPool;
+use vidpipe::config::Config;
+
+/// The configuration a program on this machine gets with nothing set: the
+/// built-in defaults plus the env file of the running stack.
+pub fn config() -> Config {
+    Config::local_defaults().expect("the local stack's configuration must load")
+}
+
+/// A short random suffix for names of topics, groups and databases.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Fails the test with a message naming the missing service.
+#[track_caller]
+pub fn missing(service: &str, address: &str, err: impl std::fmt::Display) -> ! {
+    panic!(
+        "{service} is not reachable at {address}: {err}\n\
+         start the local stack first: scripts/stack up (or run the whole suite with scripts/test)"
+    )
+}
+
+/// A Kafka admin client for the stack's broker.
+pub fn kafka_admin(config: &Config) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .create()
+        .unwrap_or_else(|e| missing("Kafka", &config.kafka_brokers, e))
+}
+
+/// Creates a topic with a random name and the given partition count.
+pub async fn create_topic(config: &Config, prefix: &str, partitions: i32) -> String {
+    let name = unique(prefix);
+    let admin = kafka_admin(config);
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap_or_else(|e| missing("Kafka", &config.kafka_brokers, e));
+    for r in results {
+        if let Err((topic, code)) = r {
+            panic!("cannot create topic {topic}: {code}");
+        }
+    }
+    name
+}
+
+/// A fresh database with a random name and the migrations applied.
+pub async fn fresh_database(config: &Config) -> (PgPool, String) {
+    let admin = vidpipe::store::db::connect(&config.database_url, 1)
+        .await
+        .unwrap_or_else(|e| {
+            missing(
+                "PostgreSQL",
+                &vidpipe::store::db::describe(&config.database_url),
+                e,
+            )
+        });
+    let name = unique("vidpipe_test");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("the vidpipe role may create databases");
+    admin.close().await;
+    let mut url = url::Url::parse(secrecy::ExposeSecret::expose_secret(&config.database_url))
+        .expect("database_url parses");
+    url.set_path(&name);
+    let url: secrecy::SecretString = url.to_string().into();
+    let pool = vidpipe::store::db::connect(&url, 4)
+        .await
+        .expect("connect to the fresh database");
+    vidpipe::store::db::migrate(&pool)
+        .await
+        .expect("migrations apply to a fresh database");
+    (pool, name)
+}
