@@ -171,7 +171,7 @@ impl Default for Config {
             database_url: "postgres://vidpipe:vidpipe@127.0.0.1:5432/vidpipe".into(),
             amqp_url: "amqp://vidpipe:vidpipe@127.0.0.1:5672/%2f".into(),
             asr_url: "http://127.0.0.1:8000/v1".into(),
-            asr_model: "whisper-tiny.en".into(),
+            asr_model: "whisper-1".into(),
             asr_api_key: None,
             llm_url: None,
             llm_model: None,
