@@ -65,9 +65,13 @@ pub enum Guarantee {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
-    /// Records processed concurrently per instance and stage; partitions are
-    /// paused when this many are in flight.
+    /// Records processed concurrently per instance and stage.
     pub in_flight: usize,
+    /// Records fetched and held per instance (running, waiting behind their
+    /// video, or waiting for a free worker); partitions are paused at this
+    /// many and resumed at half of it. Much larger than `in_flight`, so that
+    /// pausing is rare: every pause drops librdkafka's prefetched records.
+    pub max_buffered: usize,
     /// Attempts for a retryable failure before the record goes to the DLQ.
     pub max_attempts: u32,
     /// First retry delay; doubled per attempt, with full jitter.
@@ -92,6 +96,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             in_flight: 32,
+            max_buffered: 1000,
             max_attempts: 5,
             backoff_initial_ms: 500,
             backoff_max_ms: 60_000,
@@ -278,6 +283,12 @@ impl Config {
         }
         if self.runner.in_flight == 0 {
             return Err(invalid("runner.in_flight", "must be at least 1"));
+        }
+        if self.runner.max_buffered < self.runner.in_flight {
+            return Err(invalid(
+                "runner.max_buffered",
+                "must be at least runner.in_flight",
+            ));
         }
         if self.runner.max_attempts == 0 {
             return Err(invalid("runner.max_attempts", "must be at least 1"));

@@ -24,7 +24,7 @@
 //! - at-least-once: outputs are produced idempotently and an offset moves
 //!   only after every record it covers was acknowledged by the broker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -205,8 +205,12 @@ struct LoopState {
     awaiting: HashMap<(i32, u64, i64), usize>,
     /// Workers dispatched and not yet reported.
     running: usize,
+    /// Records whose video is free, waiting for a worker (at most
+    /// `in_flight_limit` run at once).
+    ready: VecDeque<Job>,
     paused: bool,
     in_flight_limit: usize,
+    buffer_limit: usize,
     status: Option<StatusStore>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
@@ -326,8 +330,10 @@ pub async fn run<S: Stage>(
         txn_failed: false,
         awaiting: HashMap::new(),
         running: 0,
+        ready: VecDeque::new(),
         paused: false,
         in_flight_limit: config.runner.in_flight,
+        buffer_limit: config.runner.max_buffered,
         status: settings.status.clone(),
         runtime,
         shutdown: shutdown.clone(),
@@ -552,8 +558,7 @@ impl LoopState {
             cancel: part.cancel.child_token(),
         };
         if let Some(job) = part.keys.push(&key, job) {
-            self.running += 1;
-            (self.dispatch)(job);
+            self.start(job);
         }
         gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
     }
@@ -578,8 +583,7 @@ impl LoopState {
                         continue;
                     }
                     if let Some(next) = part.keys.finish(&key) {
-                        self.running += 1;
-                        (self.dispatch)(next);
+                        self.ready.push_back(next);
                     }
                     if abandoned {
                         continue;
@@ -609,7 +613,33 @@ impl LoopState {
                 }
             }
         }
+        self.fill();
         gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
+    }
+
+    /// Runs `job` now if a worker is free, else queues it.
+    fn start(&mut self, job: Job) {
+        self.ready.push_back(job);
+        self.fill();
+    }
+
+    /// Starts queued records while workers are free. A queued record of a
+    /// partition that was revoked or rewound since is dropped: it is not
+    /// committed, so its next owner runs it.
+    fn fill(&mut self) {
+        while self.running < self.in_flight_limit {
+            let Some(job) = self.ready.pop_front() else {
+                break;
+            };
+            let current = self
+                .partitions
+                .get(&job.partition)
+                .is_some_and(|p| p.instance == job.instance);
+            if current {
+                self.running += 1;
+                (self.dispatch)(job);
+            }
+        }
     }
 
     fn produce(&mut self, out: Out, token: Token) {
@@ -712,9 +742,9 @@ impl LoopState {
 
     fn backpressure<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let buffered = self.buffered();
-        if !self.paused && buffered >= self.in_flight_limit {
+        if !self.paused && buffered >= self.buffer_limit {
             self.pause_all(consumer);
-        } else if self.paused && buffered < (self.in_flight_limit * 3 / 4).max(1) {
+        } else if self.paused && buffered <= self.buffer_limit / 2 {
             if let Ok(tpl) = consumer.assignment()
                 && let Err(e) = consumer.resume(&tpl)
             {
@@ -856,6 +886,7 @@ impl LoopState {
             }
         }
         self.awaiting.retain(|k, _| !targets.contains(&k.0));
+        self.ready.retain(|j| !targets.contains(&j.partition));
         self.pending_assign.extend(targets.iter().copied());
         // Re-read the committed offsets (and take fresh leases), then seek.
         self.take_assignments(consumer);
@@ -896,10 +927,12 @@ impl LoopState {
             }
         }
         self.awaiting.retain(|k, _| !partitions.contains(&k.0));
+        self.ready.retain(|j| !partitions.contains(&j.partition));
         debug!(stage = self.stage, ?partitions, "partitions revoked");
     }
 
     fn release_all(&mut self) {
+        self.ready.clear();
         for part in self.partitions.values() {
             part.cancel.cancel();
         }
