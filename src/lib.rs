@@ -9,10 +9,14 @@
 //! - [`template`]: the processor template: the [`template::Stage`] trait and
 //!   the runner that owns Kafka, offsets, retries, status and events.
 //!
-//! The stages, their backends and media tools arrive with the issues that
-//! build them; see `docs/ARCHITECTURE.md` for the whole picture.
+//! - [`media`]: guarded HTTP fetch, yt-dlp and ffmpeg.
+//! - [`backends`]: speech recognition and summarization services.
+//!
+//! See `docs/ARCHITECTURE.md` for the whole picture.
 
+pub mod backends;
 pub mod config;
+pub mod media;
 pub mod records;
 pub mod store;
 pub mod template;

@@ -7,8 +7,12 @@
 //! topics, consumer groups and databases with random names, so tests run in
 //! parallel and leave each other alone.
 
+mod asr;
 mod compose;
 mod crash;
+mod fetch;
+mod ffmpeg;
 mod helpers;
 mod smoke;
+mod summarize;
 mod template;
