@@ -13,6 +13,8 @@ mod crash;
 mod fetch;
 mod ffmpeg;
 mod helpers;
+mod membership;
+mod procs;
 mod smoke;
 mod summarize;
 mod template;

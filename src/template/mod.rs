@@ -128,6 +128,14 @@ pub trait Stage: Send + Sync + 'static {
         input: Self::Input,
         ctx: &Context,
     ) -> impl Future<Output = Result<Vec<Self::Output>, StageError>> + Send;
+
+    /// Optional hook: whether this input is a video, whose row in `videos`
+    /// the template keeps (its stage runs are recorded either way).
+    /// Discovery says no for a source (a feed, a channel): the videos it
+    /// finds get rows of their own.
+    fn is_video(&self, _input: &Self::Input) -> bool {
+        true
+    }
 }
 
 /// Runs CPU-heavy work on the blocking pool, so that it does not stall the

@@ -143,6 +143,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Consumer context: rebalance callbacks run inside `poll`, on the loop
+/// Output records copied into a stage run's status row; beyond this many
+/// (a channel listing) only their ids are kept.
+const MAX_RECORDS_IN_STATUS: usize = 20;
+
 /// thread, and work on the loop's state directly.
 struct RebalanceHook {
     state: Arc<Mutex<LoopState>>,
@@ -1052,6 +1056,7 @@ impl<S: Stage> Worker<S> {
         tx: &mpsc::Sender<WorkerMsg>,
     ) -> Ending {
         let meta = input.meta().clone();
+        let is_video = self.stage.is_video(&input);
         let started = Instant::now();
         let mut attempt: u32 = 1;
         loop {
@@ -1061,11 +1066,14 @@ impl<S: Stage> Worker<S> {
             if let (Some(status), Some(fence)) = (&self.status, &job.fence) {
                 let write = self
                     .with_db_retries(job, || {
-                        status.started(fence, &meta, input.url(), S::NAME, attempt as i32)
+                        status.started(fence, &meta, input.url(), S::NAME, attempt as i32, is_video)
                     })
                     .await;
                 if write == Some(WriteOutcome::Fenced) {
-                    info!("partition lease lost: leaving the record to its new owner");
+                    counter!("vidpipe_fenced_writes_total", "stage" => S::NAME).increment(1);
+                    warn!(
+                        "partition lease lost (a newer owner fenced this instance): leaving the record to it"
+                    );
                     return Ending::Abandoned;
                 }
             }
@@ -1105,7 +1113,7 @@ impl<S: Stage> Worker<S> {
                         None,
                     ));
                     if !self
-                        .finish(job, &meta, attempt, true, took, None, Some(refs))
+                        .finish(job, is_video, &meta, attempt, true, took, None, Some(refs))
                         .await
                     {
                         return Ending::Abandoned;
@@ -1161,6 +1169,7 @@ impl<S: Stage> Worker<S> {
                     if !self
                         .finish(
                             job,
+                            is_video,
                             &meta,
                             attempt,
                             false,
@@ -1211,10 +1220,13 @@ impl<S: Stage> Worker<S> {
         None
     }
 
+    // The run's identity and outcome, passed through as they are: a struct
+    // would only rename them.
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         job: &Job,
+        is_video: bool,
         meta: &crate::records::Meta,
         attempt: u32,
         ok: bool,
@@ -1230,6 +1242,17 @@ impl<S: Stage> Worker<S> {
             duration_ms: took.as_millis() as i64,
             error_class: error.map(|e| e.0),
             error: error.map(|e| e.1),
+            // A success that hands nothing on under this video's id (a
+            // duplicate that discovery skipped) leaves the video's row as it
+            // is: the video's state belongs to whichever run carries it.
+            touch_video: is_video
+                && (!ok
+                    || self.final_stage
+                    || output.as_ref().is_some_and(|o| {
+                        o["videos"]
+                            .as_array()
+                            .is_some_and(|v| v.iter().any(|id| id.as_str() == Some(&meta.video_id)))
+                    })),
             output,
             final_stage: self.final_stage,
         };
@@ -1239,8 +1262,9 @@ impl<S: Stage> Worker<S> {
             })
             .await;
         if outcome == Some(WriteOutcome::Fenced) {
-            info!(
-                "partition lease lost before the result was recorded: leaving the record to its new owner"
+            counter!("vidpipe_fenced_writes_total", "stage" => S::NAME).increment(1);
+            warn!(
+                "partition lease lost (a newer owner fenced this instance) before the result was recorded: leaving the record to it"
             );
             return false;
         }
@@ -1266,9 +1290,21 @@ impl<S: Stage> Worker<S> {
                 headers: vec![("vidpipe.generation", o.meta().generation.to_string())],
             });
         }
+        // The status row keeps the output records themselves (small: blob
+        // references, not media), so that tools find a run's results without
+        // reading Kafka; a source that yields many videos keeps only ids.
+        let records: Vec<serde_json::Value> = outputs
+            .iter()
+            .take(MAX_RECORDS_IN_STATUS)
+            .filter_map(|o| serde_json::to_value(o).ok())
+            .collect();
         Ok((
             outs,
-            serde_json::json!({ "topic": &*self.output_topic, "videos": ids }),
+            serde_json::json!({
+                "topic": &*self.output_topic,
+                "videos": ids,
+                "records": records,
+            }),
         ))
     }
 

@@ -46,6 +46,8 @@ pub struct Finish<'a> {
     /// Whether this stage is the pipeline's last: its success finishes the
     /// video.
     pub final_stage: bool,
+    /// Whether the video's own row follows this run (see the runner).
+    pub touch_video: bool,
 }
 
 /// What became of a status write.
@@ -118,6 +120,7 @@ impl StatusStore {
         url: Option<&str>,
         stage: &str,
         attempt: i32,
+        touch_video: bool,
     ) -> Result<WriteOutcome, sqlx::Error> {
         let row: (i32, i32) = sqlx::query_as(
             "WITH lease AS (
@@ -135,13 +138,14 @@ impl StatusStore {
                RETURNING 1
              ), video AS (
                INSERT INTO videos AS v (id, url, generation, status, stage, updated_at)
-               SELECT $5, COALESCE($9, ''), $7, 'running', $6, now() FROM run
+               SELECT $5, COALESCE($9, ''), $7, 'running', $6, now() FROM run WHERE $10
                ON CONFLICT (id) DO UPDATE
                  SET status = 'running', stage = EXCLUDED.stage, generation = EXCLUDED.generation,
                      error = NULL, updated_at = now(),
                      url = CASE WHEN v.url = '' THEN EXCLUDED.url ELSE v.url END
                  WHERE v.generation < EXCLUDED.generation
-                    OR (v.generation = EXCLUDED.generation AND v.status <> 'done')
+                    OR (v.generation = EXCLUDED.generation
+                        AND v.status <> 'done' AND (v.status <> 'failed' OR v.stage = EXCLUDED.stage))
                RETURNING 1
              )
              SELECT (SELECT count(*) FROM lease)::int, (SELECT count(*) FROM run)::int",
@@ -155,6 +159,7 @@ impl StatusStore {
         .bind(meta.generation)
         .bind(attempt)
         .bind(url)
+        .bind(touch_video)
         .fetch_one(&self.pool)
         .await?;
         Ok(WriteOutcome::from_counts(row))
@@ -194,12 +199,13 @@ impl StatusStore {
                RETURNING 1
              ), video AS (
                INSERT INTO videos AS v (id, url, generation, status, stage, error, updated_at)
-               SELECT $5, '', $7, $14, $6, $12, now() FROM run
+               SELECT $5, '', $7, $14, $6, $12, now() FROM run WHERE $15
                ON CONFLICT (id) DO UPDATE
                  SET status = EXCLUDED.status, stage = EXCLUDED.stage,
                      generation = EXCLUDED.generation, error = EXCLUDED.error, updated_at = now()
                  WHERE v.generation < EXCLUDED.generation
-                    OR (v.generation = EXCLUDED.generation AND v.status <> 'done')
+                    OR (v.generation = EXCLUDED.generation
+                        AND v.status <> 'done' AND (v.status <> 'failed' OR v.stage = EXCLUDED.stage))
                RETURNING 1
              )
              SELECT (SELECT count(*) FROM lease)::int, (SELECT count(*) FROM run)::int",
@@ -218,6 +224,7 @@ impl StatusStore {
         .bind(finish.error)
         .bind(&finish.output)
         .bind(video_status)
+        .bind(finish.touch_video)
         .fetch_one(&self.pool)
         .await?;
         Ok(WriteOutcome::from_counts(row))

@@ -1,0 +1,144 @@
+//! Group membership under change, in exactly-once mode, with the copy stage
+//! in child processes: instances leaving and rejoining (cooperative
+//! rebalancing) and a zombie that wakes up after its partitions moved on.
+
+use std::time::{Duration, Instant};
+
+use vidpipe::config::Guarantee;
+
+use crate::procs::{Harness, signal};
+
+/// Owners of the stage's partition leases, one entry per partition.
+async fn lease_owners(h: &Harness) -> Vec<String> {
+    sqlx::query_scalar("SELECT owner FROM partition_leases ORDER BY partition")
+        .fetch_all(&h.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_leaving_and_rejoining_lose_and_duplicate_nothing() {
+    const RECORDS: i64 = 3_000;
+    let h = Harness::new("rebalance", Guarantee::ExactlyOnce, 6, RECORDS, 150).await;
+    let env = [("COPY_DELAY_MS", "5")];
+    let probe = h.probe();
+    let (mut a, mut b) = tokio::task::block_in_place(|| {
+        let mut a = h.spawn("a", &env, None);
+        let mut b = h.spawn("b", &env, None);
+        h.wait_committed(
+            &probe,
+            RECORDS / 4,
+            &mut [&mut a, &mut b],
+            Duration::from_secs(120),
+        );
+        // A leaves gracefully: its partitions move to B.
+        signal(&a, "TERM");
+        let status = a.wait().unwrap();
+        assert!(status.success(), "SIGTERM shuts down cleanly, got {status}");
+        h.wait_committed(&probe, RECORDS / 2, &mut [&mut b], Duration::from_secs(120));
+        // A joins again and takes its share back.
+        let a = h.spawn("a", &env, None);
+        (a, b)
+    });
+    // Both instances must own partitions again once the group settles.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owners = lease_owners(&h).await;
+        if owners.len() == 6 && owners.iter().any(|o| o == "a") && owners.iter().any(|o| o == "b") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rejoined instance got no partitions: owners {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::task::block_in_place(|| {
+        h.wait_committed(
+            &probe,
+            RECORDS,
+            &mut [&mut a, &mut b],
+            Duration::from_secs(180),
+        );
+        for child in [&mut a, &mut b] {
+            signal(child, "TERM");
+            let status = child.wait().unwrap();
+            assert!(status.success(), "SIGTERM shuts down cleanly, got {status}");
+        }
+    });
+    h.assert_exactly_once().await;
+    h.assert_status_terminal().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_is_fenced_in_kafka_and_in_the_database() {
+    const RECORDS: i64 = 2_000;
+    let h = Harness::new("zombie", Guarantee::ExactlyOnce, 4, RECORDS, 100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let zombie_log = dir.path().join("zombie.log");
+    // Slow records and many in flight, so the zombie is mid-work when stopped.
+    let env = [("COPY_DELAY_MS", "50"), ("VIDPIPE_RUNNER__IN_FLIGHT", "16")];
+    let probe = h.probe();
+    let mut zombie = tokio::task::block_in_place(|| {
+        let mut z = h.spawn("zombie", &env, Some(&zombie_log));
+        h.wait_committed(
+            &probe,
+            RECORDS / 10,
+            &mut [&mut z],
+            Duration::from_secs(120),
+        );
+        z
+    });
+    let mut healthy = h.spawn("healthy", &env, None);
+    // Wait until both share the partitions, then freeze the zombie.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owners = lease_owners(&h).await;
+        if owners.iter().any(|o| o == "healthy") && owners.iter().any(|o| o == "zombie") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no shared assignment: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    signal(&zombie, "STOP");
+    // Past the session timeout (6 s) the group gives everything to the other.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owners = lease_owners(&h).await;
+        if owners.len() == 4 && owners.iter().all(|o| o == "healthy") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped instance's partitions were not reassigned: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the new owner make progress, then wake the zombie up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&zombie, "CONT");
+    tokio::task::block_in_place(|| {
+        h.wait_committed(
+            &probe,
+            RECORDS,
+            &mut [&mut zombie, &mut healthy],
+            Duration::from_secs(180),
+        );
+        for child in [&mut zombie, &mut healthy] {
+            signal(child, "TERM");
+            let status = child.wait().unwrap();
+            assert!(status.success(), "SIGTERM shuts down cleanly, got {status}");
+        }
+    });
+    let log = std::fs::read_to_string(&zombie_log).unwrap();
+    assert!(
+        log.contains("partition lease lost"),
+        "the zombie's database writes were not fenced; its log:\n{}",
+        &log[log.len().saturating_sub(4000)..]
+    );
+    h.assert_exactly_once().await;
+    h.assert_status_terminal().await;
+}
