@@ -1,1 +1,1070 @@
-//! (being written)
+//! The guarded HTTP fetcher and yt-dlp against real local HTTP servers
+//! written here (a tokio listener and hand-written HTTP/1.1 responses), so
+//! each test can misbehave exactly as a hostile server would: lie about
+//! lengths, trickle, redirect to private addresses, send HTML.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use vidpipe::media::http::{AddressPolicy, FetchError, FetchLimits, Fetcher, Sites};
+use vidpipe::media::ytdlp::{Ytdlp, YtdlpError};
+use vidpipe::template::{ErrorClass, StageError};
+
+use crate::helpers;
+
+/// The first line of a request and its method.
+struct Request {
+    method: String,
+    path: String,
+}
+
+/// A server on `bind` that hands every request to `handler`; returns its
+/// address and the number of connections it accepted.
+async fn serve<F, Fut>(bind: &str, handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request, TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(bind)
+        .await
+        .unwrap_or_else(|e| panic!("cannot listen on {bind}: {e}"));
+    let addr = listener.local_addr().expect("listener address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let handler = Arc::clone(&handler);
+            tokio::spawn(async move {
+                let Some(req) = read_request(&mut stream).await else {
+                    return;
+                };
+                handler(req, stream).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 || head.len() > 64 << 10 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut first = text.lines().next()?.split_whitespace();
+    let method = first.next()?.to_owned();
+    let path = first.next()?.to_owned();
+    Some(Request { method, path })
+}
+
+/// Writes a complete response with a correct Content-Length.
+async fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Deterministic bytes that do not look like HTML.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn fetcher(allow: &str, limits: FetchLimits) -> Fetcher {
+    let policy = AddressPolicy::parse_allow(allow).expect("allow list parses");
+    Fetcher::new(policy, limits).expect("the fetcher builds")
+}
+
+fn test_limits() -> FetchLimits {
+    FetchLimits {
+        deadline: Duration::from_secs(20),
+        ..FetchLimits::default()
+    }
+}
+
+/// Names of the files in `dir`.
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("the directory exists")
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+#[track_caller]
+fn expect_kind(err: FetchError, kind: &str, class: ErrorClass) -> StageError {
+    let stage = StageError::from(err);
+    assert_eq!(stage.kind, kind, "unexpected error: {stage}");
+    assert_eq!(stage.class, class, "unexpected class for {stage}");
+    stage
+}
+
+#[tokio::test]
+async fn normal_file_is_streamed_hashed_and_renamed() {
+    let body = Arc::new(pattern(300_000));
+    let served = Arc::clone(&body);
+    let (addr, _) = serve("127.0.0.1:0", move |_req, mut s| {
+        let body = Arc::clone(&served);
+        async move { respond(&mut s, "200 OK", &[("Content-Type", "audio/mpeg")], &body).await }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dest = dir.path().join("media.mp3");
+    let got = fetcher("127.0.0.1/32", test_limits())
+        .fetch_to_file(
+            &format!("http://{addr}/a.mp3?sig=abc"),
+            &dest,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("the file downloads");
+    assert_eq!(got.bytes, body.len() as u64);
+    assert_eq!(got.sha256, sha256_hex(&body));
+    assert_eq!(got.content_type.as_deref(), Some("audio/mpeg"));
+    assert_eq!(got.final_url.path(), "/a.mp3");
+    assert_eq!(std::fs::read(&dest).expect("dest exists"), *body);
+    assert_eq!(files_in(dir.path()), vec!["media.mp3".to_owned()]);
+}
+
+#[tokio::test]
+async fn relative_redirect_is_followed_and_credentials_stay_out() {
+    let body = pattern(1000);
+    let (addr, _) = serve("127.0.0.1:0", move |req, mut s| {
+        let body = body.clone();
+        async move {
+            match req.path.as_str() {
+                "/start" => respond(&mut s, "302 Found", &[("Location", "/file.mp3")], b"").await,
+                "/file.mp3" => respond(&mut s, "200 OK", &[], &body).await,
+                _ => respond(&mut s, "404 Not Found", &[], b"").await,
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher("127.0.0.1/32", test_limits());
+    let got = f
+        .fetch_to_file(
+            &format!("http://user:hunter2@{addr}/start"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("the redirect is followed");
+    assert_eq!(got.final_url.path(), "/file.mp3");
+    assert_eq!(got.bytes, 1000);
+    assert!(!got.final_url.as_str().contains("hunter2"));
+
+    let err = f
+        .fetch_to_file(
+            &format!("http://user:hunter2@{addr}/missing?token=hunter3"),
+            &dir.path().join("x.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("404");
+    let stage = expect_kind(err, "http_404", ErrorClass::Permanent);
+    assert!(
+        !stage.message.contains("hunter2") && !stage.message.contains("hunter3"),
+        "the message leaks credentials: {}",
+        stage.message
+    );
+}
+
+#[tokio::test]
+async fn not_found_is_permanent_and_leaves_nothing() {
+    let (addr, _) = serve("127.0.0.1:0", |_req, mut s| async move {
+        respond(
+            &mut s,
+            "404 Not Found",
+            &[("Content-Type", "text/plain")],
+            b"no",
+        )
+        .await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = fetcher("127.0.0.1/32", test_limits())
+        .fetch_to_file(
+            &format!("http://{addr}/gone.mp3"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("a 404 fails");
+    expect_kind(err, "http_404", ErrorClass::Permanent);
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn server_errors_are_retryable() {
+    let (addr, _) = serve("127.0.0.1:0", |_req, mut s| async move {
+        respond(&mut s, "503 Service Unavailable", &[], b"busy").await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = fetcher("127.0.0.1/32", test_limits())
+        .fetch_to_file(
+            &format!("http://{addr}/a.mp3"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("a 503 fails");
+    expect_kind(err, "http_503", ErrorClass::Retryable);
+}
+
+#[tokio::test]
+async fn html_and_playlists_are_not_media() {
+    let (addr, _) = serve("127.0.0.1:0", |req, mut s| async move {
+        match req.path.as_str() {
+            "/typed" => {
+                respond(
+                    &mut s,
+                    "200 OK",
+                    &[("Content-Type", "text/html; charset=utf-8")],
+                    b"<p>hi</p>",
+                )
+                .await
+            }
+            "/sniffed" => {
+                let mut page = b"\r\n  <!DOCTYPE html>\n<html><body>".to_vec();
+                page.extend(std::iter::repeat_n(b'x', 5000));
+                respond(
+                    &mut s,
+                    "200 OK",
+                    &[("Content-Type", "application/octet-stream")],
+                    &page,
+                )
+                .await
+            }
+            "/short" => respond(&mut s, "200 OK", &[], b"<HTML>").await,
+            _ => {
+                respond(
+                    &mut s,
+                    "200 OK",
+                    &[("Content-Type", "audio/mpeg")],
+                    b"#EXTM3U\n#EXTINF:10,\nhttp://10.0.0.1/a.mp3\n",
+                )
+                .await
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher("127.0.0.1/32", test_limits());
+    for path in ["/typed", "/sniffed", "/short", "/playlist"] {
+        let err = f
+            .fetch_to_file(
+                &format!("http://{addr}{path}"),
+                &dir.path().join("m.mp3"),
+                &CancellationToken::new(),
+            )
+            .await
+            .expect_err("not media");
+        let stage = expect_kind(err, "not_media", ErrorClass::Permanent);
+        assert!(
+            stage.message.contains("not a media file"),
+            "{path}: {}",
+            stage.message
+        );
+        assert!(files_in(dir.path()).is_empty(), "{path} left a file");
+    }
+}
+
+/// Writes `total` bytes in 16 KiB chunks with chunked encoding and the
+/// given extra headers, stopping when the client goes away.
+async fn chunked(s: &mut TcpStream, extra: &str, total: usize) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
+    );
+    if s.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let chunk = pattern(16 << 10);
+    let mut sent = 0;
+    while sent < total {
+        let frame = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk.clone(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        if s.write_all(&frame).await.is_err() {
+            return;
+        }
+        sent += chunk.len();
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+}
+
+#[tokio::test]
+async fn byte_cap_holds_whatever_the_headers_say() {
+    let (addr, _) = serve("127.0.0.1:0", move |req, mut s| async move {
+        match req.path.as_str() {
+            // A false, small Content-Length beside chunked encoding (which
+            // takes precedence): the body is 4 MiB.
+            "/lying" => chunked(&mut s, "Content-Length: 100\r\n", 4 << 20).await,
+            // No length at all, body delimited by the connection's end.
+            "/unsized" => {
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+                let chunk = pattern(16 << 10);
+                for _ in 0..256 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // An honest length over the cap: refused before the body.
+            _ => {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10485760\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&pattern(1000)).await;
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher(
+        "127.0.0.1/32",
+        FetchLimits {
+            max_bytes: 64 << 10,
+            ..test_limits()
+        },
+    );
+    for path in ["/lying", "/unsized", "/declared"] {
+        let started = Instant::now();
+        let err = f
+            .fetch_to_file(
+                &format!("http://{addr}{path}"),
+                &dir.path().join("m.mp3"),
+                &CancellationToken::new(),
+            )
+            .await
+            .expect_err("over the cap");
+        let stage = expect_kind(err, "too_large", ErrorClass::Permanent);
+        if path == "/declared" {
+            assert!(
+                stage.message.contains("Content-Length 10485760"),
+                "{}",
+                stage.message
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} was not stopped at the cap"
+        );
+        assert!(files_in(dir.path()).is_empty(), "{path} left a file");
+    }
+}
+
+/// Sends headers, then `bytes` bytes every `every`, for up to a minute.
+async fn trickle(s: &mut TcpStream, bytes: usize, every: Duration) {
+    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let chunk = pattern(bytes);
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        if s.write_all(&chunk).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[tokio::test]
+async fn trickling_server_is_too_slow() {
+    let (addr, _) = serve("127.0.0.1:0", |_req, mut s| async move {
+        // 100 B/s against a minimum of 1 KiB/s.
+        trickle(&mut s, 10, Duration::from_millis(100)).await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher(
+        "127.0.0.1/32",
+        FetchLimits {
+            min_bytes_per_sec: 1024,
+            rate_window: Duration::from_secs(1),
+            ..test_limits()
+        },
+    );
+    let started = Instant::now();
+    let err = f
+        .fetch_to_file(
+            &format!("http://{addr}/slow.mp3"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("too slow");
+    expect_kind(err, "too_slow", ErrorClass::Retryable);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn silent_server_times_out_waiting_for_headers() {
+    let (addr, _) = serve("127.0.0.1:0", |_req, s| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher(
+        "127.0.0.1/32",
+        FetchLimits {
+            rate_window: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            ..test_limits()
+        },
+    );
+    let started = Instant::now();
+    let err = f
+        .fetch_to_file(
+            &format!("http://{addr}/a.mp3"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("no headers");
+    expect_kind(err, "timeout", ErrorClass::Retryable);
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn cancellation_stops_the_download_and_removes_the_partial_file() {
+    let (addr, _) = serve("127.0.0.1:0", |_req, mut s| async move {
+        trickle(&mut s, 64 << 10, Duration::from_millis(50)).await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        trigger.cancel();
+    });
+    let f = fetcher("127.0.0.1/32", test_limits());
+    let started = Instant::now();
+    let err = f
+        .fetch_to_file(
+            &format!("http://{addr}/long.mp3"),
+            &dir.path().join("m.mp3"),
+            &cancel,
+        )
+        .await
+        .expect_err("cancelled");
+    expect_kind(err, "cancelled", ErrorClass::Retryable);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "left {:?}",
+        files_in(dir.path())
+    );
+}
+
+#[tokio::test]
+async fn redirects_to_blocked_addresses_are_refused() {
+    // The second server is on 127.0.0.2, outside the allow list: if the
+    // guard failed, it would see a connection.
+    let (target, target_hits) = serve("127.0.0.2:0", |_req, mut s| async move {
+        respond(&mut s, "200 OK", &[], &pattern(100)).await
+    })
+    .await;
+    let (entry, _) = serve("127.0.0.1:0", move |req, mut s| async move {
+        let location = match req.path.as_str() {
+            "/metadata" => "http://169.254.169.254/latest/meta-data/".to_owned(),
+            "/loopback" => format!("http://{target}/x.mp3"),
+            "/mapped" => format!("http://[::ffff:127.0.0.2]:{}/x.mp3", target.port()),
+            "/ftp" => "ftp://127.0.0.1/x.mp3".to_owned(),
+            _ => "/loop".to_owned(),
+        };
+        respond(&mut s, "302 Found", &[("Location", &location)], b"").await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher(
+        "127.0.0.1/32",
+        FetchLimits {
+            connect_timeout: Duration::from_secs(2),
+            ..test_limits()
+        },
+    );
+    for (path, kind) in [
+        ("/metadata", "blocked_address"),
+        ("/loopback", "blocked_address"),
+        ("/mapped", "blocked_address"),
+        ("/ftp", "bad_url"),
+        ("/loop", "too_many_redirects"),
+    ] {
+        let started = Instant::now();
+        let err = f
+            .fetch_to_file(
+                &format!("http://{entry}{path}"),
+                &dir.path().join("m.mp3"),
+                &CancellationToken::new(),
+            )
+            .await
+            .expect_err("refused");
+        expect_kind(err, kind, ErrorClass::Permanent);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path} tried to connect"
+        );
+    }
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "the blocked server was reached"
+    );
+    assert!(files_in(dir.path()).is_empty());
+
+    // Without the allow list, the entry server itself is refused.
+    let strict = Fetcher::new(AddressPolicy::strict(), test_limits()).expect("fetcher");
+    let err = strict
+        .fetch_to_file(
+            &format!("http://{entry}/metadata"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("refused");
+    expect_kind(err, "blocked_address", ErrorClass::Permanent);
+}
+
+#[tokio::test]
+async fn names_resolving_to_blocked_addresses_are_refused_before_connecting() {
+    let (addr, hits) = serve("127.0.0.1:0", |_req, mut s| async move {
+        respond(&mut s, "200 OK", &[], &pattern(100)).await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strict = Fetcher::new(AddressPolicy::strict(), test_limits()).expect("fetcher");
+    let err = strict
+        .fetch_to_file(
+            &format!("http://localhost:{}/a.mp3", addr.port()),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("localhost is blocked");
+    let stage = expect_kind(err, "blocked_address", ErrorClass::Permanent);
+    assert!(stage.message.contains("localhost"), "{}", stage.message);
+    let err = strict
+        .get_text(&format!("http://localhost:{}/feed", addr.port()), 1 << 20)
+        .await
+        .expect_err("localhost is blocked for feeds too");
+    expect_kind(err, "blocked_address", ErrorClass::Permanent);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the server was reached");
+}
+
+#[tokio::test]
+async fn literal_private_addresses_are_refused_without_connecting() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strict = Fetcher::new(AddressPolicy::strict(), test_limits()).expect("fetcher");
+    for url in [
+        "http://10.0.0.1/a.mp3",
+        "https://10.0.0.1/a.mp3",
+        "http://[::ffff:10.0.0.1]/a.mp3",
+        "http://0x7f.1/a.mp3",
+        "http://2130706433/a.mp3",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0:80/",
+    ] {
+        let started = Instant::now();
+        let err = strict
+            .fetch_to_file(url, &dir.path().join("m.mp3"), &CancellationToken::new())
+            .await
+            .expect_err("blocked");
+        expect_kind(err, "blocked_address", ErrorClass::Permanent);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{url} took {:?}: it tried to connect",
+            started.elapsed()
+        );
+    }
+    assert!(files_in(dir.path()).is_empty());
+
+    // The policy itself, for the ranges the issue names.
+    for ip in [
+        "10.0.0.1",
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "::ffff:192.168.1.1",
+        "100.64.1.1",
+    ] {
+        let ip = ip.parse().expect("address");
+        assert!(
+            AddressPolicy::strict().check(ip).is_err(),
+            "{ip} must be blocked"
+        );
+    }
+    assert!(
+        AddressPolicy::strict()
+            .check("1.1.1.1".parse().expect("ip"))
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused_and_create_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher("127.0.0.1/32", test_limits());
+    for url in [
+        "-o/tmp/pwned",
+        "--exec=touch /tmp/pwned",
+        "http://example.com/a b.mp3",
+        "http://example.com/a.mp3\n",
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:70/",
+        "not a url",
+        "",
+    ] {
+        let err = f
+            .fetch_to_file(url, &dir.path().join("m.mp3"), &CancellationToken::new())
+            .await
+            .expect_err("bad URL");
+        expect_kind(err, "bad_url", ErrorClass::Permanent);
+    }
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn too_many_requests_carries_retry_after() {
+    let (addr, _) = serve("127.0.0.1:0", |req, mut s| async move {
+        let retry_after = if req.path == "/date" {
+            let when = chrono::Utc::now() + chrono::Duration::seconds(30);
+            when.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+        } else {
+            "2".to_owned()
+        };
+        respond(
+            &mut s,
+            "429 Too Many Requests",
+            &[("Retry-After", &retry_after)],
+            b"slow down",
+        )
+        .await
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = fetcher("127.0.0.1/32", test_limits());
+    let err = f
+        .fetch_to_file(
+            &format!("http://{addr}/a.mp3"),
+            &dir.path().join("m.mp3"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("429");
+    let stage = expect_kind(err, "rate_limited", ErrorClass::Retryable);
+    assert_eq!(stage.retry_after, Some(Duration::from_secs(2)));
+
+    let err = f
+        .get_text(&format!("http://{addr}/date"), 1 << 20)
+        .await
+        .expect_err("429");
+    let stage = expect_kind(err, "rate_limited", ErrorClass::Retryable);
+    let after = stage
+        .retry_after
+        .expect("an HTTP-date Retry-After is honoured");
+    assert!(
+        after >= Duration::from_secs(27) && after <= Duration::from_secs(31),
+        "retry after {after:?}"
+    );
+}
+
+const FEED: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<rss version="2.0"><channel><title>Local feed</title><link>http://example.com/</link>
+<description>d</description>
+<item><title>Episode 1</title><guid>g1</guid><pubDate>Mon, 01 Jan 2024 10:00:00 GMT</pubDate>
+<enclosure url="ENCLOSURE" length="8000" type="audio/mpeg"/></item>
+<item><title>Episode 2</title><guid>g2</guid>
+<enclosure url="ENCLOSURE?2" length="8000" type="audio/mpeg"/></item>
+</channel></rss>
+"#;
+
+#[tokio::test]
+async fn get_text_reads_a_feed_under_the_same_guards() {
+    let (addr, _) = serve("127.0.0.1:0", |req, mut s| async move {
+        if req.path == "/old-feed" {
+            respond(
+                &mut s,
+                "301 Moved Permanently",
+                &[("Location", "/feed.xml")],
+                b"",
+            )
+            .await
+        } else {
+            respond(
+                &mut s,
+                "200 OK",
+                &[("Content-Type", "application/rss+xml; charset=utf-8")],
+                FEED.as_bytes(),
+            )
+            .await
+        }
+    })
+    .await;
+    let f = fetcher("127.0.0.1/32", test_limits());
+    let (text, content_type) = f
+        .get_text(&format!("http://{addr}/old-feed"), 1 << 20)
+        .await
+        .expect("the feed downloads");
+    assert_eq!(text, FEED);
+    assert_eq!(
+        content_type.as_deref(),
+        Some("application/rss+xml; charset=utf-8")
+    );
+
+    let err = f
+        .get_text(&format!("http://{addr}/feed.xml"), 100)
+        .await
+        .expect_err("over the cap");
+    expect_kind(err, "too_large", ErrorClass::Permanent);
+    let err = f.get_text("-feed", 100).await.expect_err("bad URL");
+    expect_kind(err, "bad_url", ErrorClass::Permanent);
+}
+
+#[tokio::test]
+async fn sites_limit_concurrency_and_cool_down() {
+    let sites = Sites::new(1);
+    let first = sites.enter("Media.Example").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sites.enter("media.example"))
+            .await
+            .is_err(),
+        "a second download from the same host must wait"
+    );
+    // Another host is not held up.
+    let other = tokio::time::timeout(Duration::from_millis(200), sites.enter("other.example"))
+        .await
+        .expect("another host has its own slot");
+    drop(first);
+    let again = tokio::time::timeout(Duration::from_millis(200), sites.enter("media.example"))
+        .await
+        .expect("the slot is free again");
+    drop(again);
+    drop(other);
+
+    sites.cool_down("media.example", Duration::from_millis(600));
+    let started = Instant::now();
+    let _permit = sites.enter("media.example").await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(550),
+        "the cool-down was not honoured ({:?})",
+        started.elapsed()
+    );
+}
+
+// ---- yt-dlp -------------------------------------------------------------
+
+/// A one-second 440 Hz MP3 made by ffmpeg.
+fn sine_mp3(dir: &Path) -> PathBuf {
+    let out = dir.join("sine.mp3");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("sine=frequency=440:duration=1")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("ffmpeg is required for this test and could not start: {e}"));
+    assert!(
+        status.success(),
+        "ffmpeg failed to make a test MP3: {status}"
+    );
+    out
+}
+
+/// Serves `file` at every path except `/missing` (404) and `/stall` (never
+/// answers); `/feed.xml` is [`FEED`] with enclosures pointing at the file.
+async fn media_server(file: Vec<u8>) -> SocketAddr {
+    let file = Arc::new(file);
+    let (addr, _) = serve("127.0.0.1:0", move |req, mut s| {
+        let file = Arc::clone(&file);
+        async move {
+            let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
+            match req.path.as_str() {
+                "/missing.mp3" => respond(&mut s, "404 Not Found", &[], b"").await,
+                "/stall.mp3" => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                "/feed.xml" => {
+                    let feed = FEED.replace("ENCLOSURE", &format!("http://127.0.0.1:{port}/ep.mp3"));
+                    respond(&mut s, "200 OK", &[("Content-Type", "application/rss+xml")], feed.as_bytes())
+                        .await
+                }
+                _ if req.method == "HEAD" => {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        file.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                }
+                _ => respond(&mut s, "200 OK", &[("Content-Type", "audio/mpeg")], &file).await,
+            }
+        }
+    })
+    .await;
+    addr
+}
+
+fn ytdlp(max_bytes: u64, timeout: Duration) -> Ytdlp {
+    let exe = helpers::config().ytdlp;
+    let probe = std::process::Command::new(&exe).arg("--version").output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => panic!(
+            "yt-dlp is required at {exe:?} (the `ytdlp` setting; scripts/stack up installs it): {other:?}"
+        ),
+    }
+    Ytdlp::new(exe, max_bytes, timeout)
+}
+
+#[track_caller]
+fn expect_ytdlp_kind(err: YtdlpError, kind: &str, class: ErrorClass) {
+    let stage = StageError::from(err);
+    assert_eq!(stage.kind, kind, "unexpected error: {stage}");
+    assert_eq!(stage.class, class, "unexpected class for {stage}");
+}
+
+fn media_files(dir: &Path) -> Vec<String> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    files_in(dir)
+        .into_iter()
+        .filter(|n| n.starts_with("media."))
+        .collect()
+}
+
+#[tokio::test]
+async fn ytdlp_downloads_a_local_file() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let mp3 = std::fs::read(sine_mp3(work.path())).expect("the MP3 exists");
+    let addr = media_server(mp3.clone()).await;
+    let dir = work.path().join("download");
+    let got = ytdlp(10 << 20, Duration::from_secs(60))
+        .download(
+            &format!("http://{addr}/sine.mp3"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("yt-dlp downloads a direct media URL");
+    let dir = dir.canonicalize().expect("the directory exists");
+    assert_eq!(got.path, dir.join("media.mp3"));
+    assert_eq!(got.bytes, mp3.len() as u64);
+    assert_eq!(std::fs::read(&got.path).expect("the file exists"), mp3);
+    assert_eq!(got.extractor.as_deref(), Some("generic"));
+    assert_eq!(got.id.as_deref(), Some("sine"));
+    assert_eq!(media_files(&dir), vec!["media.mp3".to_owned()]);
+}
+
+#[tokio::test]
+async fn ytdlp_failures_are_classified_and_clean_up() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let mp3 = std::fs::read(sine_mp3(work.path())).expect("the MP3 exists");
+    let addr = media_server(mp3).await;
+    let dir = work.path().join("download");
+
+    let err = ytdlp(1000, Duration::from_secs(60))
+        .download(
+            &format!("http://{addr}/sine.mp3"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("over the cap");
+    expect_ytdlp_kind(err, "too_large", ErrorClass::Permanent);
+    assert!(media_files(&dir).is_empty(), "left {:?}", media_files(&dir));
+
+    let err = ytdlp(10 << 20, Duration::from_secs(60))
+        .download(
+            &format!("http://{addr}/missing.mp3"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("404");
+    expect_ytdlp_kind(err, "http_404", ErrorClass::Permanent);
+
+    let started = Instant::now();
+    let err = ytdlp(10 << 20, Duration::from_secs(3))
+        .download(
+            &format!("http://{addr}/stall.mp3"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("timeout");
+    expect_ytdlp_kind(err, "timeout", ErrorClass::Retryable);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        trigger.cancel();
+    });
+    let started = Instant::now();
+    let err = ytdlp(10 << 20, Duration::from_secs(60))
+        .download(&format!("http://{addr}/stall.mp3"), &dir, &cancel)
+        .await
+        .expect_err("cancelled");
+    expect_ytdlp_kind(err, "cancelled", ErrorClass::Retryable);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(media_files(&dir).is_empty());
+}
+
+#[tokio::test]
+async fn ytdlp_refuses_option_like_urls_without_spawning() {
+    // A missing executable: had anything been spawned, the error would be
+    // `ytdlp_unavailable`, not `bad_url`.
+    let y = Ytdlp::new("/nonexistent/yt-dlp", 1 << 20, Duration::from_secs(5));
+    let dir = tempfile::tempdir().expect("temp dir");
+    for url in [
+        "-o/tmp/pwned",
+        "--exec=touch /tmp/pwned",
+        "file:///etc/passwd",
+        "http://a b/",
+    ] {
+        let err = y
+            .download(url, dir.path(), &CancellationToken::new())
+            .await
+            .expect_err("refused");
+        expect_ytdlp_kind(err, "bad_url", ErrorClass::Permanent);
+        let err = y.list(url, 10).await.expect_err("refused");
+        expect_ytdlp_kind(err, "bad_url", ErrorClass::Permanent);
+    }
+    assert!(files_in(dir.path()).is_empty());
+    let err = y
+        .download(
+            "https://example.com/v",
+            dir.path(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("no executable");
+    expect_ytdlp_kind(err, "ytdlp_unavailable", ErrorClass::Permanent);
+}
+
+#[tokio::test]
+async fn ytdlp_lists_a_feed() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let mp3 = std::fs::read(sine_mp3(work.path())).expect("the MP3 exists");
+    let addr = media_server(mp3).await;
+    let entries = ytdlp(10 << 20, Duration::from_secs(60))
+        .list(&format!("http://{addr}/feed.xml"), 10)
+        .await
+        .expect("yt-dlp lists the feed");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0].id, "g1");
+    assert_eq!(
+        entries[0].url,
+        format!("http://127.0.0.1:{}/ep.mp3", addr.port())
+    );
+    assert_eq!(entries[0].title.as_deref(), Some("Episode 1"));
+    assert_eq!(entries[0].timestamp, Some(1_704_103_200));
+    assert!(!entries[0].is_playlist);
+    assert_eq!(entries[1].id, "g2");
+    assert_eq!(entries[1].timestamp, None);
+
+    let one = ytdlp(10 << 20, Duration::from_secs(60))
+        .list(&format!("http://{addr}/feed.xml"), 1)
+        .await
+        .expect("yt-dlp lists the feed");
+    assert_eq!(one.len(), 1);
+}
+
+#[test]
+fn youtube_ids() {
+    let id = |s: &str| Ytdlp::youtube_id(&url::Url::parse(s).expect("test URL parses"));
+    let want = Some("dQw4w9WgXcQ".to_owned());
+    for u in [
+        "https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+        "https://youtube.com/watch?feature=share&v=dQw4w9WgXcQ&t=42",
+        "https://m.youtube.com/watch?v=dQw4w9WgXcQ",
+        "https://music.youtube.com/watch?v=dQw4w9WgXcQ&list=x",
+        "https://youtu.be/dQw4w9WgXcQ?t=3",
+        "https://www.youtube.com/shorts/dQw4w9WgXcQ",
+        "https://www.youtube.com/embed/dQw4w9WgXcQ?start=1",
+        "https://www.youtube-nocookie.com/embed/dQw4w9WgXcQ",
+        "https://www.youtube.com/live/dQw4w9WgXcQ",
+        "http://WWW.YOUTUBE.COM/watch?v=dQw4w9WgXcQ",
+    ] {
+        assert_eq!(id(u), want, "{u}");
+    }
+    for u in [
+        "https://www.youtube.com/watch?v=tooShort",
+        "https://www.youtube.com/watch?v=dQw4w9WgXcQ/../x",
+        "https://www.youtube.com/@channel",
+        "https://www.youtube.com/playlist?list=PL123",
+        "https://example.com/watch?v=dQw4w9WgXcQ",
+        "https://notyoutube.com/watch?v=dQw4w9WgXcQ",
+        "https://youtu.be/",
+        "ftp://youtu.be/dQw4w9WgXcQ",
+    ] {
+        assert_eq!(id(u), None, "{u}");
+    }
+}
+
+#[test]
+fn site_urls() {
+    let site = |s: &str| Ytdlp::is_site_url(&url::Url::parse(s).expect("test URL parses"));
+    assert!(site("https://www.youtube.com/watch?v=dQw4w9WgXcQ"));
+    assert!(site("https://youtu.be/dQw4w9WgXcQ"));
+    assert!(site("https://vimeo.com/12345"));
+    assert!(site("https://m.youtube.com/@chan"));
+    assert!(!site("https://notyoutube.com/x"));
+    assert!(!site("https://youtube.com.evil.example/x"));
+    assert!(!site("https://example.com/file.mp3"));
+    assert!(!site("ftp://youtube.com/x"));
+}
