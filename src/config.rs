@@ -108,6 +108,60 @@ impl Default for RunnerConfig {
     }
 }
 
+/// Limits and tuning of the media stages (download, extract-audio,
+/// transcribe, discover). Every limit is on by default: inputs are hostile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Largest download, in bytes, whatever the server says.
+    pub max_download_bytes: u64,
+    /// Total time for one download.
+    pub download_timeout_secs: u64,
+    /// Slowest acceptable transfer, in bytes per second, measured over
+    /// `min_rate_window_secs`.
+    pub min_download_rate: u64,
+    /// Window of the throughput check.
+    pub min_rate_window_secs: u64,
+    /// Concurrent downloads per site (host).
+    pub per_site: usize,
+    /// Longest media accepted, in seconds.
+    pub max_duration_secs: u64,
+    /// Largest audio chunk sent to the ASR backend (OpenAI's limit is 25 MiB).
+    pub chunk_max_bytes: u64,
+    /// Aimed-for chunk length, in seconds; cuts fall in silences near it.
+    pub chunk_secs: u64,
+    /// Audio repeated on both sides of a cut, in milliseconds.
+    pub chunk_overlap_ms: u64,
+    /// Concurrent requests to the ASR backend per instance.
+    pub asr_concurrency: usize,
+    /// Timeout of one ASR request, in seconds.
+    pub asr_timeout_secs: u64,
+    /// ASR backend: `openai` (any OpenAI-compatible server) or `google`.
+    pub asr_backend: String,
+    /// Entries a channel, playlist or feed yields the first time it is seen.
+    pub max_backfill: usize,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_download_bytes: 2 << 30,
+            download_timeout_secs: 1800,
+            min_download_rate: 16 * 1024,
+            min_rate_window_secs: 30,
+            per_site: 2,
+            max_duration_secs: 4 * 3600,
+            chunk_max_bytes: 24 << 20,
+            chunk_secs: 600,
+            chunk_overlap_ms: 1500,
+            asr_concurrency: 2,
+            asr_timeout_secs: 600,
+            asr_backend: "openai".into(),
+            max_backfill: 20,
+        }
+    }
+}
+
 /// The whole configuration. Field names are the TOML keys and, upper-cased
 /// with the `VIDPIPE_` prefix, the environment variables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +209,10 @@ pub struct Config {
     pub ytdlp: String,
     /// Runner tuning.
     pub runner: RunnerConfig,
+    /// Media limits.
+    pub media: MediaConfig,
+    /// Address for `/metrics` of `vidpipe run` (empty: no listener).
+    pub metrics_listen: String,
 }
 
 fn expose<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
@@ -189,6 +247,8 @@ impl Default for Config {
             net_allow: String::new(),
             ytdlp: "yt-dlp".into(),
             runner: RunnerConfig::default(),
+            media: MediaConfig::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -283,6 +343,26 @@ impl Config {
         }
         if self.runner.in_flight == 0 {
             return Err(invalid("runner.in_flight", "must be at least 1"));
+        }
+        if !matches!(self.media.asr_backend.as_str(), "openai" | "google") {
+            return Err(invalid("media.asr_backend", "must be openai or google"));
+        }
+        if self.media.asr_concurrency == 0 || self.media.per_site == 0 {
+            return Err(invalid(
+                "media.asr_concurrency",
+                "media.asr_concurrency and media.per_site must be at least 1",
+            ));
+        }
+        if self.media.chunk_max_bytes < (1 << 20) {
+            return Err(invalid("media.chunk_max_bytes", "must be at least 1 MiB"));
+        }
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                "must be host:port, e.g. 127.0.0.1:9464",
+            ));
         }
         if self.runner.max_buffered < self.runner.in_flight {
             return Err(invalid(

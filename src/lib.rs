@@ -2,21 +2,26 @@
 //! summaries.
 //!
 //! Module map:
+//! - [`client`]: submit and status, for the CLI and the API.
 //! - [`config`]: layered, strict settings (defaults, the local stack's env
 //!   file, `vidpipe.toml`, `VIDPIPE_*` variables).
 //! - [`store`]: PostgreSQL (status, leases) and the blob store.
+//! - [`ids`]: deterministic video and source ids.
 //! - [`records`]: the Avro record types that flow between stages.
 //! - [`template`]: the processor template: the [`template::Stage`] trait and
 //!   the runner that owns Kafka, offsets, retries, status and events.
-//!
+//! - [`stages`]: the five stages and their registry.
 //! - [`media`]: guarded HTTP fetch, yt-dlp and ffmpeg.
 //! - [`backends`]: speech recognition and summarization services.
 //!
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod backends;
+pub mod client;
 pub mod config;
+pub mod ids;
 pub mod media;
 pub mod records;
+pub mod stages;
 pub mod store;
 pub mod template;

@@ -5,6 +5,8 @@
 
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::{Parser, Subcommand};
 use vidpipe::config::Config;
 use vidpipe::store::db;
@@ -22,6 +24,86 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run stage processors (all five by default) until SIGTERM or ctrl-c.
+    ///
+    /// Creates missing topics first. Each stage drains its in-flight work
+    /// (up to runner.shutdown_grace_ms), commits and leaves its group.
+    ///
+    /// Example: vidpipe run transcribe --instance gpu-1
+    Run {
+        /// Stages to run: discover, download, extract-audio, transcribe,
+        /// summarize.
+        stages: Vec<String>,
+        /// This process's stable identity (transactional id suffix, lease
+        /// owner). Give each process its own; reuse it on restart, so that
+        /// the new process fences the old one at once. Default: host-pid.
+        #[arg(long, env = "VIDPIPE_INSTANCE")]
+        instance: Option<String>,
+    },
+    /// Enqueue videos or sources; prints one id per URL.
+    ///
+    /// A video already known is not processed again (`vidpipe replay`
+    /// reprocesses). Feeds, channels and playlists are sources: their new
+    /// videos are enqueued. Exit codes: 0 done (or enqueued without --wait),
+    /// 1 a video failed, 2 a bad URL, 3 a service is unreachable.
+    ///
+    /// Example: vidpipe submit https://example.com/talk.mp4 --wait
+    Submit {
+        /// Video, feed, channel or playlist URLs.
+        #[arg(required = true)]
+        urls: Vec<String>,
+        /// Wait until every video is done or failed, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Treat the URLs as feeds (sources) even if they do not look like one.
+        #[arg(long)]
+        feed: bool,
+        /// Give up waiting after this many seconds (exit 1).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Recorded on the command, for auditing.
+        #[arg(long)]
+        requested_by: Option<String>,
+    },
+    /// Status per video and stage, newest first.
+    ///
+    /// Example: vidpipe status --json url:0123abcd
+    Status {
+        /// Video ids (default: the most recent videos).
+        ids: Vec<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How many videos without ids.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Print a video's transcript or summary.
+    ///
+    /// Example: vidpipe show yt:dQw4w9WgXcQ --transcript --format srt
+    Show {
+        /// Video id.
+        id: String,
+        /// The transcript (formats txt, srt, vtt, json).
+        #[arg(long, conflicts_with = "summary", required_unless_present = "summary")]
+        transcript: bool,
+        /// The summary (formats md, json).
+        #[arg(long)]
+        summary: bool,
+        /// Output format; default txt for transcripts, md for summaries.
+        #[arg(long)]
+        format: Option<String>,
+        /// A generation other than the latest.
+        #[arg(long)]
+        generation: Option<i64>,
+    },
+    /// Subscriptions (feeds, channels, playlists) that discovery polls.
+    ///
+    /// Example: vidpipe sources add https://example.com/podcast.xml --every 1h
+    Sources {
+        #[command(subcommand)]
+        action: SourcesAction,
+    },
     /// Apply the database migrations.
     ///
     /// Example: VIDPIPE_DATABASE_URL=postgres://u:p@db/vidpipe vidpipe migrate
@@ -30,6 +112,34 @@ enum Command {
     ///
     /// Example: VIDPIPE_TOPIC_PREFIX=test. vidpipe config
     Config,
+}
+
+#[derive(Subcommand)]
+enum SourcesAction {
+    /// Subscribe to a source; its first poll is due at once.
+    ///
+    /// Example: vidpipe sources add https://example.com/feed.xml --every 30m --backfill 5
+    Add {
+        /// Feed, channel or playlist URL.
+        url: String,
+        /// Poll interval: a number with s, m, h or d (at least 1m).
+        #[arg(long, default_value = "1h")]
+        every: String,
+        /// Entries the first poll takes (newest first).
+        #[arg(long, default_value_t = 20)]
+        backfill: i32,
+    },
+    /// List subscriptions.
+    ///
+    /// Example: vidpipe sources list
+    List,
+    /// Unsubscribe, by id or URL.
+    ///
+    /// Example: vidpipe sources remove https://example.com/feed.xml
+    Remove {
+        /// Source id (`src:…`) or URL.
+        source: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,12 +174,111 @@ fn main() -> ExitCode {
                     ExitCode::from(3)
                 }
             },
+            Command::Run { stages, instance } => run(config, stages, instance).await,
+            Command::Submit {
+                urls,
+                wait,
+                feed,
+                timeout,
+                requested_by,
+            } => cli::submit(&config, &urls, wait, feed, timeout, requested_by.as_deref()).await,
+            Command::Sources { action } => match action {
+                SourcesAction::Add {
+                    url,
+                    every,
+                    backfill,
+                } => cli::sources_add(&config, &url, &every, backfill).await,
+                SourcesAction::List => cli::sources_list(&config).await,
+                SourcesAction::Remove { source } => cli::sources_remove(&config, &source).await,
+            },
+            Command::Status { ids, json, limit } => cli::status(&config, &ids, json, limit).await,
+            Command::Show {
+                id,
+                transcript,
+                format,
+                generation,
+                ..
+            } => cli::show(&config, &id, transcript, format.as_deref(), generation).await,
             Command::Config => {
                 println!("{config:#?}");
                 ExitCode::SUCCESS
             }
         }
     })
+}
+
+async fn run(config: Config, stages: Vec<String>, instance: Option<String>) -> ExitCode {
+    use vidpipe::stages::{self, RunError};
+    if let Some(bad) = stages
+        .iter()
+        .find(|s| !stages::STAGES.contains(&s.as_str()))
+    {
+        eprintln!("error: {}", RunError::UnknownStage(bad.clone()));
+        return ExitCode::from(2);
+    }
+    if !config.metrics_listen.is_empty() {
+        let addr: std::net::SocketAddr = match config.metrics_listen.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: metrics_listen: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+        {
+            eprintln!("error: cannot serve metrics on {addr}: {e}");
+            return ExitCode::from(3);
+        }
+    }
+    let instance = instance.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "vidpipe".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let services = match stages::Services::build(config).await {
+        Ok(s) => s,
+        Err(e @ RunError::Config(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight work");
+        signal.cancel();
+    });
+    match stages::run(&stages, services, &instance, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// SIGTERM (from a supervisor) or ctrl-c.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

@@ -86,3 +86,13 @@ pub async fn fresh_database(config: &Config) -> (PgPool, String) {
         .expect("migrations apply to a fresh database");
     (pool, name)
 }
+
+/// A fresh migrated database (see [`fresh_database`]) and its URL, for
+/// configurations and child processes.
+pub async fn fresh_database_url(config: &Config) -> (PgPool, secrecy::SecretString) {
+    let (pool, name) = fresh_database(config).await;
+    let mut url = url::Url::parse(secrecy::ExposeSecret::expose_secret(&config.database_url))
+        .expect("database_url parses");
+    url.set_path(&name);
+    (pool, url.to_string().into())
+}

@@ -14,6 +14,7 @@ mod fetch;
 mod ffmpeg;
 mod helpers;
 mod membership;
+mod pipeline;
 mod procs;
 mod smoke;
 mod summarize;

@@ -1,0 +1,218 @@
+//! discover: a command's URL becomes the videos it stands for. A YouTube
+//! video or a direct media URL is one video; a YouTube channel or playlist
+//! is listed with yt-dlp; an RSS/Atom or podcast feed yields its entries
+//! (enclosures first). Each video gets its deterministic id and is claimed
+//! in the catalog, so a video seen before is not processed again.
+
+use feed_rs::parser;
+use url::Url;
+
+use crate::ids;
+use crate::media::http::{FetchError, Fetcher};
+use crate::media::ytdlp::Ytdlp;
+use crate::records::{Command, Meta, VideoDiscovered};
+use crate::store::catalog::Catalog;
+use crate::template::{Context, Stage, StageError};
+
+/// Largest feed document read.
+const MAX_FEED_BYTES: u64 = 8 << 20;
+
+/// File extensions that are media, not feeds: no need to look inside.
+const MEDIA_EXTENSIONS: &[&str] = &[
+    "mp4", "m4a", "m4v", "mov", "mp3", "wav", "webm", "mkv", "ogg", "oga", "opus", "flac", "aac",
+    "avi", "flv", "3gp", "ts",
+];
+
+/// The discover stage.
+pub struct Discover<C> {
+    /// Fetches feeds (the same guard as downloads).
+    pub fetcher: Fetcher,
+    /// Lists channels and playlists.
+    pub ytdlp: Ytdlp,
+    /// Known videos and subscriptions.
+    pub catalog: C,
+    /// Entries taken from a source seen for the first time.
+    pub max_backfill: usize,
+}
+
+/// One video found in a source.
+struct Found {
+    url: String,
+    title: Option<String>,
+    published_ms: Option<i64>,
+}
+
+/// A title is display text from a hostile source: control characters
+/// (NUL, which PostgreSQL cannot store, newlines that forge log lines) are
+/// dropped and the length is bounded. It never names a file.
+fn clean_title(raw: Option<String>) -> Option<String> {
+    let t: String = raw?.chars().filter(|c| !c.is_control()).take(300).collect();
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+fn is_media_path(url: &Url) -> bool {
+    url.path()
+        .rsplit('.')
+        .next()
+        .is_some_and(|ext| MEDIA_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()))
+}
+
+impl<C: Catalog> Discover<C> {
+    /// What `url` holds: one video, or a source's entries (newest first).
+    async fn resolve(&self, url: &Url) -> Result<(Vec<Found>, bool), StageError> {
+        let single = |title: Option<String>| {
+            Ok((
+                vec![Found {
+                    url: url.to_string(),
+                    title,
+                    published_ms: None,
+                }],
+                false,
+            ))
+        };
+        if Ytdlp::youtube_id(url).is_some() || is_media_path(url) {
+            return single(None);
+        }
+        if Ytdlp::is_site_url(url) {
+            let mut found = Vec::new();
+            for entry in self.ytdlp.list(url.as_str(), self.max_backfill * 4).await? {
+                if entry.is_playlist {
+                    // A channel lists its tabs (videos, shorts) as playlists.
+                    for inner in self.ytdlp.list(&entry.url, self.max_backfill * 4).await? {
+                        if !inner.is_playlist {
+                            found.push(Found {
+                                url: inner.url,
+                                title: inner.title,
+                                published_ms: inner.timestamp.map(|t| t * 1000),
+                            });
+                        }
+                    }
+                } else {
+                    found.push(Found {
+                        url: entry.url,
+                        title: entry.title,
+                        published_ms: entry.timestamp.map(|t| t * 1000),
+                    });
+                }
+            }
+            return Ok((found, true));
+        }
+        // Anything else is a feed if it parses as one, else a direct file.
+        let text = match self.fetcher.get_text(url.as_str(), MAX_FEED_BYTES).await {
+            Ok((text, _)) => text,
+            Err(FetchError::TooLarge { .. }) => return single(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Ok(feed) = parser::parse(text.as_bytes()) else {
+            return single(None);
+        };
+        let mut found: Vec<Found> = feed
+            .entries
+            .into_iter()
+            .filter_map(|entry| {
+                let enclosure = entry
+                    .media
+                    .iter()
+                    .flat_map(|m| m.content.iter())
+                    .find_map(|c| c.url.as_ref().map(|u| u.to_string()));
+                let link = entry.links.first().map(|l| l.href.clone());
+                Some(Found {
+                    url: enclosure.or(link)?,
+                    title: entry.title.map(|t| t.content),
+                    published_ms: entry
+                        .published
+                        .or(entry.updated)
+                        .map(|t| t.timestamp_millis()),
+                })
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.published_ms.unwrap_or(i64::MIN)));
+        Ok((found, true))
+    }
+}
+
+impl<C: Catalog> Stage for Discover<C> {
+    type Input = Command;
+    type Output = VideoDiscovered;
+    const NAME: &'static str = "discover";
+    const INPUT: &'static str = "commands";
+    const OUTPUT: &'static str = "video.discovered";
+
+    fn is_video(&self, input: &Command) -> bool {
+        // A source is not a video; the videos it yields get their own rows.
+        !input.meta.video_id.starts_with("src:")
+    }
+
+    async fn process(
+        &self,
+        cmd: Command,
+        _ctx: &Context,
+    ) -> Result<Vec<VideoDiscovered>, StageError> {
+        if let Some(stage) = cmd.start_stage.as_deref().filter(|s| *s != "discover") {
+            return Err(StageError::permanent(
+                "unsupported_command",
+                format!(
+                    "a command to restart at {stage} is handled by `vidpipe replay`, not by discovery"
+                ),
+            ));
+        }
+        let raw = cmd
+            .url
+            .as_deref()
+            .ok_or_else(|| StageError::permanent("bad_command", "the command has no URL"))?;
+        let url =
+            ids::normalise(raw).map_err(|e| StageError::permanent("bad_url", e.to_string()))?;
+        let (found, is_source) = self.resolve(&url).await?;
+        if is_source && self.is_video(&cmd) {
+            return Err(StageError::permanent(
+                "is_a_source",
+                "this URL is a feed, channel or playlist, not a video: submit it with --feed, \
+                 or subscribe with `vidpipe sources add URL`",
+            ));
+        }
+        // A source seen for the first time (or submitted once) reaches back
+        // only so far; a subscription's later polls take whatever is new.
+        let limit = match self.catalog.source(&ids::source_id(&url)).await? {
+            Some(s) if s.polls > 1 => usize::MAX,
+            Some(s) => s.max_backfill.max(0) as usize,
+            None => self.max_backfill,
+        };
+        let mut out = Vec::new();
+        for f in found.into_iter().take(if is_source { limit } else { 1 }) {
+            let Ok(video_url) = ids::normalise(&f.url) else {
+                tracing::warn!(source = %url, "skipping an entry with an unusable URL");
+                continue;
+            };
+            let video_id = ids::video_id(&video_url);
+            let title = clean_title(f.title);
+            let source = is_source.then(|| url.as_str());
+            let claimed = self
+                .catalog
+                .claim(
+                    &video_id,
+                    video_url.as_str(),
+                    title.as_deref(),
+                    source,
+                    &cmd.command_id,
+                )
+                .await?;
+            if !claimed {
+                tracing::info!(video_id, "already known: not processed again (use replay)");
+                continue;
+            }
+            out.push(VideoDiscovered {
+                meta: Meta {
+                    video_id,
+                    generation: 1,
+                    trace_id: cmd.meta.trace_id.clone(),
+                },
+                url: video_url.to_string(),
+                title,
+                source_url: source.map(str::to_string),
+                published_at: f.published_ms,
+            });
+        }
+        Ok(out)
+    }
+}
