@@ -116,6 +116,15 @@ pub async fn serve(dir: &Path, ip: &str) -> Site {
             }),
         )
         .route(
+            "/redirect-loopback.mp4",
+            get(|| async {
+                (
+                    StatusCode::FOUND,
+                    [(header::LOCATION, "http://127.0.0.1:8000/v1/models")],
+                )
+            }),
+        )
+        .route(
             "/html-page.mp4",
             get(|| async {
                 (
@@ -530,4 +539,244 @@ async fn an_asr_server_answering_429_then_200_succeeds_and_400_fails_for_good() 
         }
         p.stop().await;
     }
+}
+
+/// The lifecycle of every id, by stage and kind, for hostile inputs: each
+/// ends `failed` in the expected stage with an error naming the problem,
+/// while a good video submitted with them finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_inputs_fail_with_reasons_while_a_good_video_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(&media).unwrap();
+    spoken_video(&media, "good.mp4", SCRIPTS[1]);
+    // A truncated mp4: the first half of a real one.
+    let whole = std::fs::read(media.join("good.mp4")).unwrap();
+    std::fs::write(media.join("truncated.mp4"), &whole[..whole.len() / 2]).unwrap();
+    // A video without an audio stream.
+    let status = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i"])
+        .arg("color=c=red:s=160x120:r=10:d=3")
+        .args(["-c:v", "mpeg4"])
+        .arg(media.join("silent.mp4"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // An HLS playlist that points at a local file, as a playlist and
+    // disguised as an mp4.
+    let playlist =
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n";
+    std::fs::write(media.join("evil.m3u8"), playlist).unwrap();
+    std::fs::write(media.join("evil-playlist.mp4"), playlist).unwrap();
+    // Served on 127.0.0.2: the allow list admits exactly that address, so
+    // redirects to 127.0.0.1 and to the metadata address stay blocked.
+    let site = serve(&media, "127.0.0.2").await;
+    let p = Pipeline::start("hostile", |c| {
+        c.net_allow = "127.0.0.2/32".into();
+        c.media.max_download_bytes = 4 << 20;
+        c.media.min_download_rate = 4096;
+        c.media.min_rate_window_secs = 2;
+        c.runner.max_attempts = 2;
+    })
+    .await;
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("404", site.url("media/missing.mp4"), "download", "http_404"),
+        ("html", site.url("html-page.mp4"), "download", "not_media"),
+        (
+            "truncated",
+            site.url("media/truncated.mp4"),
+            "extract-audio",
+            "not_media",
+        ),
+        (
+            "no audio",
+            site.url("media/silent.mp4"),
+            "extract-audio",
+            "no_audio",
+        ),
+        (
+            "over the cap",
+            site.url("endless.mp4"),
+            "download",
+            "too_large",
+        ),
+        ("trickle", site.url("trickle.mp4"), "download", "too_slow"),
+        (
+            "metadata redirect",
+            site.url("redirect-metadata.mp4"),
+            "download",
+            "blocked_address",
+        ),
+        (
+            "loopback redirect",
+            site.url("redirect-loopback.mp4"),
+            "download",
+            "blocked_address",
+        ),
+        (
+            "hls playlist",
+            site.url("media/evil.m3u8"),
+            "download",
+            "not_media",
+        ),
+        // The download guard sniffs the playlist behind the mp4 name; ffmpeg's
+        // container whitelist would refuse it next (tests/ffmpeg.rs).
+        (
+            "disguised playlist",
+            site.url("media/evil-playlist.mp4"),
+            "download",
+            "not_media",
+        ),
+    ];
+    let good = site.url("media/good.mp4");
+    let mut urls: Vec<String> = cases.iter().map(|c| c.1.clone()).collect();
+    urls.push(good.clone());
+    let submitted = client::submit(&p.config, &p.pool, &urls, false, None)
+        .await
+        .unwrap();
+    // A URL starting with '-' never leaves the client...
+    let refused = client::submit(
+        &p.config,
+        &p.pool,
+        &["-o/tmp/vidpipe-pwned".into()],
+        false,
+        None,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(client::ClientError::BadUrl(_))),
+        "{refused:?}"
+    );
+    // ...and a command carrying one anyway (from another producer) fails in
+    // discovery without touching the filesystem.
+    let sender = client::CommandSender::new(&p.config).await.unwrap();
+    sender
+        .send("url:dash", 1, "-o/tmp/vidpipe-pwned", None)
+        .await
+        .unwrap();
+    // A record with a hostile title, as a buggy or hostile upstream could
+    // write it: the title must name no file.
+    let discovered = vidpipe::records::VideoDiscovered {
+        meta: vidpipe::records::Meta::new("url:title"),
+        url: format!("{good}?title=1"),
+        title: Some("../../../tmp/vidpipe-title\0.mp4".into()),
+        source_url: None,
+        published_at: None,
+    };
+    let codec = Codec::new(p.config.schema_registry_url.as_deref()).unwrap();
+    let topic = p.config.topic("video.discovered");
+    let bytes = codec
+        .encoder(&topic, vidpipe::records::VideoDiscovered::SCHEMA)
+        .await
+        .unwrap()
+        .encode(&discovered)
+        .unwrap();
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &p.config.kafka_brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("url:title")
+                .payload(&bytes),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let mut ids: Vec<String> = submitted.iter().map(|s| s.id.clone()).collect();
+    ids.push("url:dash".into());
+    ids.push("url:title".into());
+    let finished = p.wait(&ids, Duration::from_secs(300)).await;
+    for ((name, _, stage, kind), s) in cases.iter().zip(&submitted) {
+        let v = &finished[&s.id];
+        eprintln!("{name}: {} at {:?}: {:?}", v.status, v.stage, v.error);
+        assert_eq!(v.status, "failed", "{name}: {v:?}");
+        assert_eq!(v.stage.as_deref(), Some(*stage), "{name}: {v:?}");
+        let error = v.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains(kind),
+            "{name}: the error names {kind}: {error}"
+        );
+    }
+    let dash = &finished["url:dash"];
+    assert_eq!(
+        (dash.status.as_str(), dash.stage.as_deref()),
+        ("failed", Some("discover")),
+        "{dash:?}"
+    );
+    assert!(
+        dash.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("bad_url"),
+        "{dash:?}"
+    );
+    assert!(
+        !Path::new("/tmp/vidpipe-pwned").exists(),
+        "no file from the '-' URL"
+    );
+    let good_id = &submitted.last().unwrap().id;
+    assert_eq!(
+        finished[good_id].status, "done",
+        "the good video finishes: {:?}",
+        finished[good_id]
+    );
+    assert_eq!(
+        finished["url:title"].status, "done",
+        "{:?}",
+        finished["url:title"]
+    );
+    assert!(
+        !Path::new("/tmp/vidpipe-title").exists(),
+        "the title named no file"
+    );
+
+    // /etc/passwd's content appears in no stored file, status row or event.
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let marker = passwd.lines().next().unwrap().to_string();
+    for entry in walk(p.blobs.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&marker),
+            "{} holds /etc/passwd content",
+            entry.display()
+        );
+        // Every file lives under the store's root, named by us.
+        assert!(entry.starts_with(p.blobs.path()));
+    }
+    let errors: Vec<Option<String>> = sqlx::query_scalar("SELECT error FROM stage_runs")
+        .fetch_all(&p.pool)
+        .await
+        .unwrap();
+    for e in errors.into_iter().flatten() {
+        assert!(
+            !e.contains(&marker),
+            "a status row holds /etc/passwd content: {e}"
+        );
+    }
+    for (id, evs) in events(&p.config).await {
+        for e in evs {
+            let text = format!("{:?} {:?}", e.error, e.error_class);
+            assert!(
+                !text.contains(&marker),
+                "an event of {id} holds /etc/passwd content"
+            );
+        }
+    }
+    p.stop().await;
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
