@@ -16,6 +16,7 @@ mod helpers;
 mod membership;
 mod pipeline;
 mod procs;
+mod secrets;
 mod smoke;
 mod summarize;
 mod template;
