@@ -90,6 +90,11 @@ pub struct RunnerConfig {
     pub session_timeout_ms: u64,
     /// Write per-video and per-stage status rows to PostgreSQL.
     pub status: bool,
+    /// Exactly-once: how long the broker lets a transaction stay open
+    /// before aborting it. A crashed instance's open transaction blocks
+    /// read_committed readers for up to this long, so keep it short; the
+    /// runner commits every `commit_interval_ms`, well within it.
+    pub transaction_timeout_ms: u64,
 }
 
 impl Default for RunnerConfig {
@@ -104,6 +109,7 @@ impl Default for RunnerConfig {
             shutdown_grace_ms: 30_000,
             session_timeout_ms: 10_000,
             status: true,
+            transaction_timeout_ms: 30_000,
         }
     }
 }
@@ -213,6 +219,8 @@ pub struct Config {
     pub media: MediaConfig,
     /// Address for `/metrics` of `vidpipe run` (empty: no listener).
     pub metrics_listen: String,
+    /// The RabbitMQ adapter (`vidpipe bridge`).
+    pub bridge: crate::bridge::BridgeConfig,
 }
 
 fn expose<S: serde::Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
@@ -249,6 +257,7 @@ impl Default for Config {
             runner: RunnerConfig::default(),
             media: MediaConfig::default(),
             metrics_listen: String::new(),
+            bridge: crate::bridge::BridgeConfig::default(),
         }
     }
 }
@@ -368,6 +377,12 @@ impl Config {
             return Err(invalid(
                 "runner.max_buffered",
                 "must be at least runner.in_flight",
+            ));
+        }
+        if self.runner.transaction_timeout_ms < 4 * self.runner.commit_interval_ms {
+            return Err(invalid(
+                "runner.transaction_timeout_ms",
+                "must be at least four commit intervals (runner.commit_interval_ms)",
             ));
         }
         if self.runner.max_attempts == 0 {

@@ -2,6 +2,7 @@
 //! summaries.
 //!
 //! Module map:
+//! - [`bridge`]: `vidpipe bridge`, the Kafka side of the RabbitMQ adapter.
 //! - [`client`]: submit and status, for the CLI and the API.
 //! - [`config`]: layered, strict settings (defaults, the local stack's env
 //!   file, `vidpipe.toml`, `VIDPIPE_*` variables).
@@ -17,6 +18,7 @@
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod backends;
+pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod ids;

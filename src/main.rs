@@ -104,6 +104,17 @@ enum Command {
         #[command(subcommand)]
         action: SourcesAction,
     },
+    /// The RabbitMQ adapter: legacy command queues in, lifecycle events out.
+    ///
+    /// Consumes the old system's command queues and turns each valid
+    /// command into a record on vidpipe.commands (acknowledged to RabbitMQ
+    /// only after Kafka acknowledged it); malformed ones go to the
+    /// dead-letter exchange with the reason. Optionally mirrors
+    /// vidpipe.events to the RabbitMQ topic exchange `vidpipe.events`. Run
+    /// as many instances as you like.
+    ///
+    /// Example: VIDPIPE_AMQP_URL=amqp://u:p@rabbit:5672/%2f vidpipe bridge
+    Bridge,
     /// Apply the database migrations.
     ///
     /// Example: VIDPIPE_DATABASE_URL=postgres://u:p@db/vidpipe vidpipe migrate
@@ -175,6 +186,21 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run { stages, instance } => run(config, stages, instance).await,
+            Command::Bridge => {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                match vidpipe::bridge::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(3)
+                    }
+                }
+            }
             Command::Submit {
                 urls,
                 wait,

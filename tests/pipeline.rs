@@ -42,28 +42,8 @@ pub const SCRIPTS: [&str; 3] = [
 
 /// Makes `name` (mp4 with a video track) speaking `text`; returns its path.
 pub fn spoken_video(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let wav = dir.join(format!("{name}.wav"));
-    let status = Command::new("espeak-ng")
-        .arg("-s")
-        .arg("150")
-        .arg("-w")
-        .arg(&wav)
-        .arg(text)
-        .status()
-        .expect("espeak-ng must be installed (scripts/stack up installs it)");
-    assert!(status.success(), "espeak-ng failed");
-    let out = dir.join(name);
-    let status = Command::new("ffmpeg")
-        .args(["-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i"])
-        .arg("color=c=black:s=160x120:r=10")
-        .arg("-i")
-        .arg(&wav)
-        .args(["-shortest", "-c:v", "mpeg4", "-c:a", "aac"])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg must be installed (scripts/stack up installs it)");
-    assert!(status.success(), "ffmpeg failed to make {name}");
-    out
+    vidpipe::template::testkit::spoken_video(dir, name, text)
+        .unwrap_or_else(|e| panic!("{e} (scripts/stack up installs espeak-ng and ffmpeg)"))
 }
 
 /// A local web server for media, feeds and misbehaving answers.
@@ -430,6 +410,41 @@ async fn a_subscribed_feed_of_spoken_videos_ends_in_transcripts_and_summaries() 
             .await
             .unwrap();
         assert!(md.len() > 20, "a summary exists for {id}");
+    }
+    // The same video again is recognised, not processed again; the feed
+    // submitted again yields no new video.
+    let again = client::submit(
+        &p.config,
+        &p.pool,
+        &[site.url("media/talk0.mp4")],
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again[0].known.as_deref(), Some("done"), "{again:?}");
+    let look = client::submit(&p.config, &p.pool, &[feed.to_string()], true, None)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client::source_run(&p.pool, &look[0].id, look[0].generation)
+            .await
+            .unwrap()
+        {
+            client::SourceRun::Done(found) => {
+                assert!(
+                    found.is_empty(),
+                    "a second look at the feed found known videos: {found:?}"
+                );
+                break;
+            }
+            client::SourceRun::Failed(why) => panic!("the second look failed: {why}"),
+            client::SourceRun::Pending => {
+                assert!(Instant::now() < deadline, "the second look did not finish");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
     }
     let events = events(&p.config).await;
     for id in &ids {

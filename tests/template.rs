@@ -40,7 +40,10 @@ impl Stage for Probe {
     async fn process(&self, input: Item, ctx: &Context) -> Result<Vec<Item>, StageError> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
-        let sleep = rand::rng().random_range(0..=self.max_sleep_ms);
+        let sleep = match input.body.strip_prefix("slow:") {
+            Some(ms) => ms.parse().unwrap_or(0),
+            None => rand::rng().random_range(0..=self.max_sleep_ms),
+        };
         tokio::time::sleep(Duration::from_millis(sleep)).await;
         self.running.fetch_sub(1, Ordering::SeqCst);
         match input.body.as_str() {
@@ -365,4 +368,32 @@ async fn bad_records_are_dead_lettered_while_the_partition_flows() {
         })
         .collect();
     assert_eq!(flaky, vec!["started", "retried", "retried", "succeeded"]);
+}
+
+/// A record that runs longer than the transaction timeout: its `started`
+/// event opens the broker-side transaction at once, so the runner must keep
+/// committing while it runs, or the broker aborts the transaction and
+/// fences the producer (which then re-runs the record forever). The broker
+/// looks for expired transactions every 10 s
+/// (`transaction.abort.timed.out.transaction.cleanup.interval.ms`), hence
+/// records of 14-15 s against a 2 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_longer_than_the_transaction_timeout_finish_exactly_once() {
+    let mut c = test_config(Guarantee::ExactlyOnce);
+    c.runner.transaction_timeout_ms = 2_000;
+    prepare_topics(&c).await;
+    let codec = Codec::new(c.schema_registry_url.as_deref()).expect("codec");
+    let items = vec![
+        item("slow-a", 0, "slow:14000"),
+        item("slow-b", 0, "slow:15000"),
+    ];
+    let raw = encode_items(&c, &codec, &items).await;
+    produce_raw(&c, raw);
+    let running = start(Arc::new(Probe::default()), &c, codec, None, true);
+    let out = tokio::task::block_in_place(|| read_topic(&c, "out", 2, Duration::from_secs(40)));
+    // Anything more would be a duplicate from a fenced, re-run transaction.
+    let extra = tokio::task::block_in_place(|| read_topic(&c, "out", 3, Duration::from_secs(4)));
+    running.stop().await;
+    assert_eq!(out.len(), 2, "every record's output arrived");
+    assert_eq!(extra.len(), 2, "and none twice");
 }

@@ -8,11 +8,13 @@
 //! parallel and leave each other alone.
 
 mod asr;
+mod catalog;
 mod compose;
 mod crash;
 mod fetch;
 mod ffmpeg;
 mod helpers;
+mod long;
 mod membership;
 mod pipeline;
 mod procs;

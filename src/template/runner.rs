@@ -313,7 +313,10 @@ pub async fn run<S: Stage>(
             .set("transactional.id", format!("{group}-{}", settings.instance))
             // A crashed instance's open transaction blocks read_committed
             // readers until it times out: keep that short.
-            .set("transaction.timeout.ms", "30000");
+            .set(
+                "transaction.timeout.ms",
+                config.runner.transaction_timeout_ms.to_string(),
+            );
     }
 
     let producer: BaseProducer<Deliveries> =
@@ -662,6 +665,14 @@ impl LoopState {
             match self.producer.send(record) {
                 Ok(()) => {
                     counter!("vidpipe_records_out_total", "stage" => self.stage).increment(1);
+                    // Anything produced opens the broker-side transaction and
+                    // starts its timeout: commit it on the next interval even
+                    // if no record finished (a long record's `started` event
+                    // would otherwise hold it open until the broker aborts it
+                    // and fences this producer).
+                    if self.guarantee == Guarantee::ExactlyOnce {
+                        self.dirty = true;
+                    }
                     return;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {

@@ -3,6 +3,8 @@
 //! benchmarks measure the template's overhead with it. Not part of the
 //! pipeline.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,4 +56,33 @@ impl Stage for CopyStage {
         }
         Ok(vec![input])
     }
+}
+
+/// Makes `dir/name`, an mp4 with a black video track and `text` spoken by
+/// espeak-ng: test and benchmark media generated here, never downloaded.
+pub fn spoken_video(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
+    let wav = dir.join(format!("{name}.wav"));
+    let status = Command::new("espeak-ng")
+        .args(["-s", "150", "-w"])
+        .arg(&wav)
+        .arg(text)
+        .status()
+        .map_err(|e| format!("cannot run espeak-ng: {e}"))?;
+    if !status.success() {
+        return Err(format!("espeak-ng failed: {status}"));
+    }
+    let out = dir.join(name);
+    let status = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i"])
+        .arg("color=c=black:s=160x120:r=10")
+        .arg("-i")
+        .arg(&wav)
+        .args(["-shortest", "-c:v", "mpeg4", "-c:a", "aac"])
+        .arg(&out)
+        .status()
+        .map_err(|e| format!("cannot run ffmpeg: {e}"))?;
+    if !status.success() {
+        return Err(format!("ffmpeg failed to make {name}: {status}"));
+    }
+    Ok(out)
 }

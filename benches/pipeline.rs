@@ -1,0 +1,202 @@
+//! The pipeline against its physical limit, in one run on one machine:
+//! 20 generated spoken videos through (1) the ASR server alone, fed the
+//! extracted audio as fast as it takes it (transcription is nearly all of
+//! the work), (2) `benches/sequential.sh`, the same download, ffmpeg and ASR
+//! calls one video after another, and (3) vidpipe, all five stages in this
+//! process on real Kafka, registry and PostgreSQL.
+//!
+//! `cargo bench --bench pipeline --profile dev`; needs `scripts/stack up`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use vidpipe::config::Config;
+use vidpipe::stages::{self, Services};
+use vidpipe::template::testkit::spoken_video;
+
+const VIDEOS: usize = 20;
+const SENTENCES: [&str; 5] = [
+    "The river flows past the old mill every morning, and the miller counts every sack before noon.",
+    "Our team measured the temperature of the lake for twelve weeks and found the warmest water in August.",
+    "To repair a flat tire, remove the wheel, find the hole in the tube, and cover it with a patch.",
+    "The library opens at nine, and the children's corner fills up with readers soon after.",
+    "A good bread needs flour, water, salt and time, and the dough should rest overnight.",
+];
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let mut audio_secs = 0.0;
+    for i in 0..VIDEOS {
+        let text: Vec<&str> = (0..3)
+            .map(|k| SENTENCES[(i + k) % SENTENCES.len()])
+            .collect();
+        spoken_video(work, &format!("v{i}.mp4"), &text.join(" ")).expect("espeak-ng and ffmpeg");
+        let wav = work.join(format!("v{i}.wav"));
+        let ok = Command::new("ffmpeg")
+            .args(["-loglevel", "error", "-nostdin", "-y", "-i"])
+            .arg(work.join(format!("v{i}.mp4")))
+            .args(["-vn", "-ac", "1", "-ar", "16000"])
+            .arg(&wav)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        audio_secs += (std::fs::metadata(&wav).unwrap().len() - 44) as f64 / 32_000.0;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut http = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = Config::local_defaults().expect("config");
+    let concurrency = c.media.asr_concurrency;
+    let client = reqwest::Client::new();
+    let transcribe = |path: std::path::PathBuf| {
+        let client = client.clone();
+        let url = format!("{}/audio/transcriptions", c.asr_url);
+        async move {
+            let bytes = tokio::fs::read(&path).await.unwrap();
+            let form = reqwest::multipart::Form::new()
+                .part(
+                    "file",
+                    reqwest::multipart::Part::bytes(bytes).file_name("a.wav"),
+                )
+                .text("model", "whisper-1")
+                .text("model_name", "whisper-1")
+                .text("response_format", "verbose_json");
+            let r = client
+                .post(url)
+                .multipart(form)
+                .send()
+                .await
+                .expect("ASR server (scripts/stack up)");
+            assert!(r.status().is_success(), "ASR answered {}", r.status());
+        }
+    };
+    // Warm the model up, untimed.
+    transcribe(work.join("v0.wav")).await;
+
+    // (1) The ASR server alone, `asr_concurrency` requests at a time.
+    let t = Instant::now();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = Vec::new();
+    for i in 0..VIDEOS {
+        let sem = sem.clone();
+        let f = transcribe(work.join(format!("v{i}.wav")));
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            f.await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let asr_alone = t.elapsed().as_secs_f64();
+
+    // (2) The sequential script.
+    let seq_dir = tempfile::tempdir().unwrap();
+    let urls: Vec<String> = (0..VIDEOS)
+        .map(|i| format!("http://127.0.0.1:{port}/v{i}.mp4"))
+        .collect();
+    let t = Instant::now();
+    let ok = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/sequential.sh"
+    ))
+    .arg(&c.asr_url)
+    .arg(seq_dir.path())
+    .args(&urls)
+    .status()
+    .expect("sequential.sh");
+    assert!(ok.success(), "sequential.sh failed");
+    let script = t.elapsed().as_secs_f64();
+
+    // (3) vidpipe: a fresh database and topics, all stages in this process.
+    let mut pc = c.clone();
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    pc.topic_prefix = format!("bench_{run_id}.");
+    pc.net_allow = "127.0.0.1/32".into();
+    let blobs = tempfile::tempdir().unwrap();
+    pc.storage = blobs.path().display().to_string();
+    let admin = vidpipe::store::db::connect(&c.database_url, 1)
+        .await
+        .unwrap();
+    let db = format!("bench_{run_id}");
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(c.database_url.expose_secret()).unwrap();
+    url.set_path(&db);
+    pc.database_url = url.to_string().into();
+    let pool = vidpipe::store::db::connect(&pc.database_url, 4)
+        .await
+        .unwrap();
+    vidpipe::store::db::migrate(&pool).await.unwrap();
+    let services = Services::build(pc.clone()).await.expect("services");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { stages::run(&[], services, "bench", shutdown).await }
+    });
+    // Let every stage join its group before the clock starts.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let urls: Vec<String> = urls.iter().map(|u| format!("{u}?run={run_id}")).collect();
+    let t = Instant::now();
+    let submitted = vidpipe::client::submit(&pc, &pool, &urls, false, None)
+        .await
+        .expect("submit");
+    let ids: Vec<String> = submitted.iter().map(|s| s.id.clone()).collect();
+    loop {
+        let all = vidpipe::client::status(&pool, &ids, VIDEOS as i64)
+            .await
+            .unwrap();
+        let done = all.iter().filter(|v| v.status == "done").count();
+        assert!(
+            all.iter().all(|v| v.status != "failed"),
+            "a video failed: {all:#?}"
+        );
+        if done == VIDEOS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pipeline = t.elapsed().as_secs_f64();
+    shutdown.cancel();
+    running.await.unwrap().expect("stages stop cleanly");
+    let _ = http.kill();
+
+    println!(
+        "\n{VIDEOS} spoken videos, {audio_secs:.0} s of audio in all; ASR concurrency {concurrency}\n"
+    );
+    println!("| run | wall time (s) | audio s per wall s | vs ASR alone |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, secs) in [
+        ("ASR server alone (the limit)", asr_alone),
+        ("sequential script (curl, ffmpeg, curl)", script),
+        ("vidpipe, all stages", pipeline),
+    ] {
+        println!(
+            "| {name} | {secs:.1} | {:.1} | {:.0}% |",
+            audio_secs / secs,
+            asr_alone / secs * 100.0
+        );
+    }
+}
