@@ -182,6 +182,7 @@ async fn main() {
     shutdown.cancel();
     running.await.unwrap().expect("stages stop cleanly");
     let _ = http.kill();
+    let _ = http.wait();
 
     println!(
         "\n{VIDEOS} spoken videos, {audio_secs:.0} s of audio in all; ASR concurrency {concurrency}\n"
