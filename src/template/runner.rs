@@ -1248,11 +1248,20 @@ impl<S: Stage> Worker<S> {
         let (Some(status), Some(fence)) = (&self.status, &job.fence) else {
             return true;
         };
+        // PostgreSQL stores no NUL in text or jsonb, and hostile input (a
+        // title, a server's error text) may carry one: the write would fail
+        // and the row stay `running` for good.
+        let error =
+            error.map(|(class, message)| (class.replace('\0', ""), message.replace('\0', "")));
+        let mut output = output;
+        if let Some(o) = output.as_mut() {
+            strip_nul(o);
+        }
         let finish = Finish {
             ok,
             duration_ms: took.as_millis() as i64,
-            error_class: error.map(|e| e.0),
-            error: error.map(|e| e.1),
+            error_class: error.as_ref().map(|e| e.0.as_str()),
+            error: error.as_ref().map(|e| e.1.as_str()),
             // A success that hands nothing on under this video's id (a
             // duplicate that discovery skipped) leaves the video's row as it
             // is: the video's state belongs to whichever run carries it.
@@ -1395,6 +1404,16 @@ impl<S: Stage> Worker<S> {
                 ("vidpipe.source.offset", job.offset.to_string()),
             ],
         }
+    }
+}
+
+/// Removes NUL characters from every string in a JSON value.
+fn strip_nul(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', ""),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nul),
+        serde_json::Value::Object(map) => map.values_mut().for_each(strip_nul),
+        _ => {}
     }
 }
 
