@@ -126,8 +126,16 @@ async fn child(mode: &str, prefix: &str, n: u64) {
             _ => (Guarantee::ExactlyOnce, true),
         };
         c.guarantee = guarantee;
-        c.runner.in_flight = 256;
-        c.runner.commit_interval_ms = 100;
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        c.runner.in_flight = env("BENCH_IN_FLIGHT", 256) as usize;
+        c.runner.max_buffered =
+            env("BENCH_MAX_BUFFERED", 10_000).max(c.runner.in_flight as u64) as usize;
+        c.runner.commit_interval_ms = env("BENCH_COMMIT_MS", 100);
         let status = if status {
             let url = std::env::var("BENCH_DATABASE_URL").expect("BENCH_DATABASE_URL");
             let pool = vidpipe::store::db::connect(&url.into(), 16)
@@ -210,6 +218,14 @@ async fn prepare(c: &Config, prefix: &str, n: u64) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
+        // VIDPIPE_LOG=debug shows the runner's timeline (stderr).
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("VIDPIPE_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
         child(&args[i + 1], &args[i + 2], records()).await;
         return;
     }
@@ -231,9 +247,14 @@ async fn main() {
         .unwrap();
     vidpipe::store::db::migrate(&pool).await.unwrap();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let modes = ["raw", "alo", "alo-status", "eos", "eos-status"];
+    // BENCH_MODES=alo,eos runs a subset (the ceiling always runs).
+    let only = std::env::var("BENCH_MODES").unwrap_or_default();
+    let modes: Vec<&str> = ["raw", "alo", "alo-status", "eos", "eos-status"]
+        .into_iter()
+        .filter(|m| *m == "raw" || only.is_empty() || only.split(',').any(|o| o == *m))
+        .collect();
     let mut results = Vec::new();
-    for mode in modes {
+    for mode in modes.iter().copied() {
         let prefix = format!("bench_{run_id}.{mode}.");
         prepare(&c, &prefix, n).await;
         let exe = std::env::current_exe().unwrap();
@@ -244,6 +265,9 @@ async fn main() {
             .output()
             .expect("run a mode");
         let stdout = String::from_utf8_lossy(&out.stdout);
+        if std::env::var_os("VIDPIPE_LOG").is_some() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         let line = stdout
             .lines()
             .find(|l| l.starts_with("RESULT"))

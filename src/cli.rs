@@ -1,5 +1,6 @@
 //! Output and exit codes of the client commands (`submit`, `status`,
-//! `show`): formatting only; the work is in `vidpipe::client`.
+//! `show`, `sources`, `replay`, `topics`): formatting only; the work is in
+//! `vidpipe::client`, `vidpipe::replay` and `vidpipe::admin`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -7,8 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use vidpipe::admin::{self, AdminError};
 use vidpipe::client::{self, ClientError, SourceRun};
 use vidpipe::config::Config;
+use vidpipe::replay::{self, ReplayError, Selection};
 use vidpipe::store::blobs::BlobStore;
 use vidpipe::store::db;
 
@@ -362,5 +365,199 @@ pub async fn sources_remove(config: &Config, source: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => client_error(e.into()),
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), ExitCode> {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => {
+            println!("{s}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn replay_error(e: ReplayError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        ReplayError::UnknownStage(_) | ReplayError::Usage(_) | ReplayError::Unsupported(_) => {
+            ExitCode::from(2)
+        }
+        ReplayError::UnknownVideos(_)
+        | ReplayError::NotReplayable(_)
+        | ReplayError::MissingTopic(_) => ExitCode::FAILURE,
+        ReplayError::Kafka { .. } | ReplayError::Registry(_) | ReplayError::Database(_) => {
+            ExitCode::from(UNREACHABLE)
+        }
+    }
+}
+
+/// `vidpipe replay`.
+pub async fn replay(
+    config: &Config,
+    stage: &str,
+    videos: Vec<String>,
+    since: Option<&str>,
+    until: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> ExitCode {
+    let now = chrono::Utc::now();
+    let parse = |t: Option<&str>| t.map(|t| replay::parse_time(t, now)).transpose();
+    let selection = match (parse(since), parse(until)) {
+        (Ok(since), Ok(until)) => Selection {
+            stage: stage.to_string(),
+            videos,
+            since,
+            until,
+        },
+        (Err(e), _) | (_, Err(e)) => return replay_error(e),
+    };
+    let pool = match pool(config).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let plan = match replay::plan(config, &pool, &selection).await {
+        Ok(p) => p,
+        Err(e) => return replay_error(e),
+    };
+    if dry_run {
+        if json {
+            return match print_json(&plan.items) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            };
+        }
+        println!("{:<28} {:>4} {:>4}  SOURCE", "ID", "FROM", "TO");
+        for p in &plan.items {
+            println!(
+                "{:<28} {:>4} {:>4}  {}",
+                p.video_id,
+                p.from_generation,
+                p.to_generation,
+                p.source.as_str()
+            );
+        }
+        println!(
+            "dry run: nothing sent; {} video(s) would be replayed from {} (topic {})",
+            plan.items.len(),
+            plan.stage,
+            plan.topic
+        );
+        return ExitCode::SUCCESS;
+    }
+    let (stage, topic) = (plan.stage.clone(), plan.topic.clone());
+    let replayed = match replay::send(config, &pool, plan).await {
+        Ok(r) => r,
+        Err(e) => return replay_error(e),
+    };
+    if json {
+        return match print_json(&replayed) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        };
+    }
+    println!("{:<28} {:>4} {:>4}  SOURCE", "ID", "FROM", "TO");
+    for r in &replayed {
+        println!(
+            "{:<28} {:>4} {:>4}  {}",
+            r.video_id,
+            r.from_generation,
+            r.generation,
+            r.source.as_str()
+        );
+    }
+    if replayed.is_empty() {
+        println!("nothing to replay from {stage}: no video has input in that range");
+    } else {
+        let ids: Vec<&str> = replayed.iter().map(|r| r.video_id.as_str()).collect();
+        println!(
+            "replayed {} video(s) from {stage} (sent to {topic}); follow with `vidpipe status {}`",
+            replayed.len(),
+            ids.join(" ")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn admin_error(e: AdminError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        AdminError::UnknownStage(_) | AdminError::Shrink { .. } => ExitCode::from(2),
+        AdminError::MissingTopic(_) | AdminError::Refused { .. } => ExitCode::FAILURE,
+        AdminError::Kafka { .. } => ExitCode::from(UNREACHABLE),
+    }
+}
+
+/// `vidpipe topics`.
+pub async fn topics(config: &Config, json: bool) -> ExitCode {
+    let stages = match admin::describe(config).await {
+        Ok(s) => s,
+        Err(e) => return admin_error(e),
+    };
+    if json {
+        return match print_json(&stages) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        };
+    }
+    println!(
+        "{:<14} {:<40} {:>10} {:>8}  GROUP",
+        "STAGE", "INPUT TOPIC", "PARTITIONS", "LAG"
+    );
+    for s in &stages {
+        let partitions = s
+            .partitions
+            .map_or_else(|| "missing".to_string(), |n| n.to_string());
+        println!(
+            "{:<14} {:<40} {:>10} {:>8}  {} ({}, {} member(s))",
+            s.stage,
+            s.topic,
+            partitions,
+            s.lag,
+            s.group,
+            s.group_state,
+            s.members.len()
+        );
+        for m in &s.members {
+            let parts: Vec<String> = m.partitions.iter().map(i32::to_string).collect();
+            println!(
+                "    {} on {}: partitions {}",
+                m.client_id,
+                m.host,
+                if parts.is_empty() {
+                    "none".to_string()
+                } else {
+                    parts.join(", ")
+                }
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `vidpipe topics scale`.
+pub async fn topics_scale(config: &Config, stage: &str, partitions: usize) -> ExitCode {
+    match admin::scale(config, stage, partitions).await {
+        Ok(s) if s.from == s.to => {
+            println!(
+                "{} already has {} partitions: nothing changed",
+                s.topic, s.to
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            println!(
+                "{}: {} -> {} partitions; start more `vidpipe run {stage} --instance NAME` \
+                 processes to share them",
+                s.topic, s.from, s.to
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => admin_error(e),
     }
 }

@@ -101,7 +101,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             in_flight: 32,
-            max_buffered: 1000,
+            max_buffered: 10_000,
             max_attempts: 5,
             backoff_initial_ms: 500,
             backoff_max_ms: 60_000,

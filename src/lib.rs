@@ -2,6 +2,7 @@
 //! summaries.
 //!
 //! Module map:
+//! - [`admin`]: `vidpipe topics`: partitions, group members and lag; scaling.
 //! - [`bridge`]: `vidpipe bridge`, the Kafka side of the RabbitMQ adapter.
 //! - [`client`]: submit and status, for the CLI and the API.
 //! - [`config`]: layered, strict settings (defaults, the local stack's env
@@ -14,9 +15,11 @@
 //! - [`stages`]: the five stages and their registry.
 //! - [`media`]: guarded HTTP fetch, yt-dlp and ffmpeg.
 //! - [`backends`]: speech recognition and summarization services.
+//! - [`replay`]: `vidpipe replay`: re-feed videos to a stage, new generation.
 //!
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
+pub mod admin;
 pub mod backends;
 pub mod bridge;
 pub mod client;
@@ -24,6 +27,7 @@ pub mod config;
 pub mod ids;
 pub mod media;
 pub mod records;
+pub mod replay;
 pub mod stages;
 pub mod store;
 pub mod template;

@@ -97,6 +97,58 @@ enum Command {
         #[arg(long)]
         generation: Option<i64>,
     },
+    /// Reprocess videos from a stage, as a new generation.
+    ///
+    /// Re-feeds each chosen video into STAGE's input topic as generation
+    /// (current + 1): that stage and every later one run again, `status`
+    /// shows the new generation, and the earlier generations' results stay
+    /// readable (`vidpipe show ID --transcript --generation N`). The record
+    /// re-fed is the video's latest on the input topic within
+    /// --since/--until, or, where the topic no longer holds it, the one the
+    /// previous stage's status row kept. Exit codes: 0 replayed (or nothing
+    /// matched the range), 1 an unknown video or one with no input record,
+    /// 2 usage, 3 a service is unreachable.
+    ///
+    /// Example: vidpipe replay --stage transcribe --video url:0123abcd --dry-run
+    Replay {
+        /// The stage to re-feed: download, extract-audio, transcribe or
+        /// summarize (discover: --dry-run only, for now).
+        #[arg(long)]
+        stage: String,
+        /// A video to replay; repeat for more. Without it, every video
+        /// whose input falls in the --since/--until range.
+        #[arg(long = "video", value_name = "ID")]
+        videos: Vec<String>,
+        /// Input records from this time on: RFC 3339, a UTC date
+        /// (2026-11-02), date and time (2026-11-02 10:00), or an age (2h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Input records before this time (same forms as --since).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// List what would be replayed (id, from and to generation, source)
+        /// and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each stage's input topic, partitions, consumer group members and lag.
+    ///
+    /// A stage scales by partitions and instances: every `vidpipe run
+    /// STAGE` process joins the stage's group and gets a share of the
+    /// partitions; `topics scale` adds partitions. Exit codes: 0, 2 usage,
+    /// 3 Kafka is unreachable.
+    ///
+    /// Example: vidpipe topics --json
+    Topics {
+        #[command(subcommand)]
+        action: Option<TopicsAction>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Subscriptions (feeds, channels, playlists) that discovery polls.
     ///
     /// Example: vidpipe sources add https://example.com/podcast.xml --every 1h
@@ -123,6 +175,27 @@ enum Command {
     ///
     /// Example: VIDPIPE_TOPIC_PREFIX=test. vidpipe config
     Config,
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Add partitions to a stage's input topic, so that more instances of
+    /// the stage share its work.
+    ///
+    /// Kafka cannot remove partitions: a smaller count is refused (exit 2).
+    /// New partitions change which partition a video id maps to, so scale
+    /// between bursts. Running processes notice within librdkafka's
+    /// metadata refresh (5 minutes by default); restarting them is faster.
+    ///
+    /// Example: vidpipe topics scale transcribe --partitions 12
+    Scale {
+        /// The stage: discover, download, extract-audio, transcribe,
+        /// summarize.
+        stage: String,
+        /// The partition count wanted (at least the current one).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        partitions: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +289,31 @@ fn main() -> ExitCode {
                 } => cli::sources_add(&config, &url, &every, backfill).await,
                 SourcesAction::List => cli::sources_list(&config).await,
                 SourcesAction::Remove { source } => cli::sources_remove(&config, &source).await,
+            },
+            Command::Replay {
+                stage,
+                videos,
+                since,
+                until,
+                dry_run,
+                json,
+            } => {
+                cli::replay(
+                    &config,
+                    &stage,
+                    videos,
+                    since.as_deref(),
+                    until.as_deref(),
+                    dry_run,
+                    json,
+                )
+                .await
+            }
+            Command::Topics { action, json } => match action {
+                None => cli::topics(&config, json).await,
+                Some(TopicsAction::Scale { stage, partitions }) => {
+                    cli::topics_scale(&config, &stage, partitions as usize).await
+                }
             },
             Command::Status { ids, json, limit } => cli::status(&config, &ids, json, limit).await,
             Command::Show {

@@ -18,6 +18,8 @@ mod long;
 mod membership;
 mod pipeline;
 mod procs;
+mod replay;
+mod scale;
 mod secrets;
 mod smoke;
 mod summarize;

@@ -204,7 +204,10 @@ impl<C: Catalog> Stage for Discover<C> {
             out.push(VideoDiscovered {
                 meta: Meta {
                     video_id,
-                    generation: 1,
+                    // A video's own command carries its generation (a
+                    // replay from discovery bumps it); a source's videos
+                    // start at 1.
+                    generation: if is_source { 1 } else { cmd.meta.generation },
                     trace_id: cmd.meta.trace_id.clone(),
                 },
                 url: video_url.to_string(),
