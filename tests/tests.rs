@@ -8,6 +8,7 @@
 //! parallel and leave each other alone.
 
 mod asr;
+mod bridge;
 mod catalog;
 mod compose;
 mod crash;
