@@ -19,6 +19,18 @@ use vidpipe::template::testkit::CopyStage;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The signal handler first: a SIGTERM that arrives while the process
+    // starts up must still mean "shut down gracefully".
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        signal.cancel();
+    });
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VIDPIPE_LOG")
@@ -46,17 +58,6 @@ async fn main() -> anyhow::Result<()> {
         status,
         config,
     };
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        signal.cancel();
-    });
     let stage = Arc::new(CopyStage {
         delay: Duration::from_millis(delay),
     });

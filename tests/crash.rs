@@ -34,6 +34,11 @@ async fn crash_run(guarantee: Guarantee) -> Harness {
             child = h.spawn(&instance, &[], None);
         }
         h.wait_committed(&probe, RECORDS, &mut [&mut child], Duration::from_secs(300));
+        // Everything may have been committed before the last kill, so the
+        // restarted child can still be starting: a SIGTERM before its
+        // handler is installed would kill it outright. Give it time to
+        // start, then check the graceful path.
+        std::thread::sleep(Duration::from_secs(3));
         signal(&child, "TERM");
         let status = child.wait().unwrap();
         assert!(status.success(), "graceful shutdown exits 0, got {status}");

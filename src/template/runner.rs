@@ -33,7 +33,7 @@ use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -114,6 +114,8 @@ enum WorkerMsg {
         /// The worker lost its authority (lease gone or shut down): the
         /// record stays unfinished and is run again by the partition's owner.
         abandoned: bool,
+        /// Abandoned because the partition's lease was taken.
+        fenced: bool,
     },
 }
 
@@ -209,6 +211,8 @@ struct LoopState {
     awaiting: HashMap<(i32, u64, i64), usize>,
     /// Workers dispatched and not yet reported.
     running: usize,
+    /// A worker found a partition lease taken (see `reclaim`).
+    lease_lost: bool,
     /// Records whose video is free, waiting for a worker (at most
     /// `in_flight_limit` run at once).
     ready: VecDeque<Job>,
@@ -337,6 +341,7 @@ pub async fn run<S: Stage>(
         txn_failed: false,
         awaiting: HashMap::new(),
         running: 0,
+        lease_lost: false,
         ready: VecDeque::new(),
         paused: false,
         in_flight_limit: config.runner.in_flight,
@@ -435,6 +440,9 @@ fn event_loop(
             None => {}
         }
         s.drain_messages(&mut rx);
+        if drain_deadline.is_none() {
+            s.reclaim(&consumer);
+        }
         s.producer.poll(Duration::ZERO);
         s.take_deliveries(&consumer);
         if drain_deadline.is_none() {
@@ -588,6 +596,7 @@ impl LoopState {
                     key,
                     outs,
                     abandoned,
+                    fenced,
                 } => {
                     self.running -= 1;
                     let Some(part) = self.partitions.get_mut(&partition) else {
@@ -598,6 +607,15 @@ impl LoopState {
                     }
                     if let Some(next) = part.keys.finish(&key) {
                         self.ready.push_back(next);
+                    }
+                    if fenced {
+                        // Another instance took this partition's lease while
+                        // Kafka still gives it to us: a zombie that woke up and
+                        // re-leased, or we are the zombie. Re-lease and rewind
+                        // (see `reclaim`): the abandoned record must run again
+                        // here if we are the owner, or it would hold the
+                        // partition's offset forever.
+                        self.lease_lost = true;
                     }
                     if abandoned {
                         continue;
@@ -864,6 +882,20 @@ impl LoopState {
     fn abort_and_rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, recreate: bool) {
         counter!("vidpipe_transaction_aborts_total", "stage" => self.stage).increment(1);
         let mut recreate = recreate;
+        if !recreate {
+            // librdkafka's abort waits for the delivery reports of every
+            // outstanding message, and a BaseProducer only delivers them
+            // when polled: purge them and serve their reports first, or the
+            // abort blocks for its whole timeout and fails.
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+                self.producer.poll(Duration::from_millis(10));
+            }
+            // Their outputs are aborted with the transaction: forget them.
+            lock(&self.producer.context().reports).clear();
+        }
         if !recreate && let Err(e) = self.producer.abort_transaction(BROKER_TIMEOUT) {
             warn!(stage = self.stage, error = %e, "abort failed: recreating the producer");
             recreate = true;
@@ -888,6 +920,30 @@ impl LoopState {
         self.txn_failed = false;
         self.dirty = false;
         self.rewind(consumer, false);
+    }
+
+    /// After a worker was fenced: whatever is finished is committed (or, in
+    /// exactly-once mode, the open transaction is aborted), then every
+    /// partition is rewound to its committed offset with a fresh lease. If
+    /// this instance is the zombie, Kafka takes the partitions away at the
+    /// next poll; if it is the owner, it re-runs the abandoned records.
+    fn reclaim<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if !std::mem::take(&mut self.lease_lost) {
+            return;
+        }
+        counter!("vidpipe_lease_reclaims_total", "stage" => self.stage).increment(1);
+        warn!(
+            stage = self.stage,
+            "a partition lease was taken by another instance: re-leasing and rewinding"
+        );
+        match self.guarantee {
+            Guarantee::ExactlyOnce => self.abort_and_rewind(consumer, false),
+            Guarantee::AtLeastOnce => {
+                self.settle_deliveries(consumer);
+                self.commit(consumer);
+                self.rewind(consumer, false);
+            }
+        }
     }
 
     /// Forgets in-memory progress and seeks every partition back to its
@@ -996,14 +1052,18 @@ struct Worker<S: Stage> {
 enum Ending {
     Outputs(Vec<Out>),
     Abandoned,
+    /// A status write found the partition's lease taken by another
+    /// instance: left to the owner, and this instance checks its own claim.
+    Fenced,
 }
 
 impl<S: Stage> Worker<S> {
     async fn run(self: Arc<Self>, job: Job, tx: mpsc::Sender<WorkerMsg>) {
         let ending = self.process(&job, &tx).await;
-        let (outs, abandoned) = match ending {
-            Ending::Outputs(outs) => (outs, false),
-            Ending::Abandoned => (Vec::new(), true),
+        let (outs, abandoned, fenced) = match ending {
+            Ending::Outputs(outs) => (outs, false, false),
+            Ending::Abandoned => (Vec::new(), true, false),
+            Ending::Fenced => (Vec::new(), true, true),
         };
         // The loop may be gone after shutdown; then there is nothing to do.
         let _ = tx
@@ -1014,6 +1074,7 @@ impl<S: Stage> Worker<S> {
                 key: job.key,
                 outs,
                 abandoned,
+                fenced,
             })
             .await;
     }
@@ -1092,7 +1153,7 @@ impl<S: Stage> Worker<S> {
                     warn!(
                         "partition lease lost (a newer owner fenced this instance): leaving the record to it"
                     );
-                    return Ending::Abandoned;
+                    return Ending::Fenced;
                 }
             }
             if attempt == 1 {
@@ -1134,7 +1195,7 @@ impl<S: Stage> Worker<S> {
                         .finish(job, is_video, &meta, attempt, true, took, None, Some(refs))
                         .await
                     {
-                        return Ending::Abandoned;
+                        return Ending::Fenced;
                     }
                     return Ending::Outputs(outs);
                 }
@@ -1197,7 +1258,7 @@ impl<S: Stage> Worker<S> {
                         )
                         .await
                     {
-                        return Ending::Abandoned;
+                        return Ending::Fenced;
                     }
                     return Ending::Outputs(outs);
                 }
