@@ -67,6 +67,10 @@ pub enum Guarantee {
 pub struct RunnerConfig {
     /// Records processed concurrently per instance and stage.
     pub in_flight: usize,
+    /// Per-stage overrides of `in_flight`, e.g. `{ "extract-audio" = 2 }`:
+    /// a CPU-bound stage running many ffmpeg processes at once starves the
+    /// others (and a local ASR server) on a small machine.
+    pub stage_in_flight: BTreeMap<String, usize>,
     /// Records fetched and held per instance (running, waiting behind their
     /// video, or waiting for a free worker); partitions are paused at this
     /// many and resumed at half of it. Much larger than `in_flight`, so that
@@ -101,6 +105,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             in_flight: 32,
+            stage_in_flight: BTreeMap::from([("extract-audio".to_string(), 2)]),
             max_buffered: 10_000,
             max_attempts: 5,
             backoff_initial_ms: 500,
@@ -373,6 +378,23 @@ impl Config {
                 "must be host:port, e.g. 127.0.0.1:9464",
             ));
         }
+        for (stage, n) in &self.runner.stage_in_flight {
+            if !crate::stages::STAGES.contains(&stage.as_str()) {
+                return Err(invalid(
+                    "runner.stage_in_flight",
+                    &format!(
+                        "unknown stage {stage:?}; the stages are {}",
+                        crate::stages::STAGES.join(", ")
+                    ),
+                ));
+            }
+            if *n == 0 {
+                return Err(invalid(
+                    "runner.stage_in_flight",
+                    "every limit must be at least 1",
+                ));
+            }
+        }
         if self.runner.max_buffered < self.runner.in_flight {
             return Err(invalid(
                 "runner.max_buffered",
@@ -503,5 +525,41 @@ mod tests {
         let config = Config::from_figment(figment).unwrap();
         assert_eq!(config.guarantee, Guarantee::AtLeastOnce);
         assert_eq!(config.runner.in_flight, 4);
+    }
+
+    #[test]
+    fn per_stage_limits_parse_and_name_real_stages() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let config = load(
+            "[runner.stage_in_flight]
+transcribe = 3
+",
+        )
+        .unwrap();
+        assert_eq!(config.runner.stage_in_flight.get("transcribe"), Some(&3));
+        // The default limit of the CPU-bound stage stays unless replaced.
+        assert_eq!(config.runner.stage_in_flight.get("extract-audio"), Some(&2));
+        let err = load(
+            "[runner.stage_in_flight]
+transcibe = 3
+",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown stage \"transcibe\""),
+            "{err}"
+        );
+        assert!(
+            load(
+                "[runner.stage_in_flight]
+summarize = 0
+"
+            )
+            .is_err()
+        );
     }
 }

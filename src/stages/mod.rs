@@ -195,8 +195,13 @@ fn start<S: Stage>(
     instance: &str,
     shutdown: &CancellationToken,
 ) {
+    let mut config = services.config.clone();
+    if let Some(n) = config.runner.stage_in_flight.get(S::NAME).copied() {
+        config.runner.in_flight = n;
+        config.runner.max_buffered = config.runner.max_buffered.max(n);
+    }
     let settings = RunnerSettings {
-        config: services.config.clone(),
+        config,
         group: None,
         instance: instance.to_string(),
         final_stage: S::NAME == "summarize",
