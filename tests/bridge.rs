@@ -416,28 +416,11 @@ async fn the_event_mirror_publishes_every_event_in_order_per_video() {
 
 /// Lifecycle events of one video on the events topic, in order.
 async fn kafka_events(c: &Config, video: &str) -> Vec<LifecycleEvent> {
-    let cc = c.clone();
-    let raw = tokio::task::spawn_blocking(move || {
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &cc.kafka_brokers)
-            .set("group.id", unique("events"))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .create()
-            .expect("reader");
-        reader.subscribe(&[&cc.topic("events")]).expect("subscribe");
-        let mut out = Vec::new();
-        let mut idle = Instant::now();
-        while idle.elapsed() < Duration::from_secs(4) {
-            if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
-                out.push(m.payload().unwrap_or_default().to_vec());
-                idle = Instant::now();
-            }
-        }
-        out
-    })
-    .await
-    .expect("reader thread");
+    let raw: Vec<Vec<u8>> = crate::helpers::read_all(c, &c.topic("events"), Duration::from_secs(4))
+        .await
+        .into_iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect();
     let dec = Codec::new(c.schema_registry_url.as_deref())
         .expect("codec")
         .decoder(LifecycleEvent::SCHEMA)

@@ -96,3 +96,37 @@ pub async fn fresh_database_url(config: &Config) -> (PgPool, secrecy::SecretStri
     url.set_path(&name);
     (pool, url.to_string().into())
 }
+
+/// Every record of `topic` that a read_committed reader finds from the
+/// start (a new group each call), reading until nothing new arrives for
+/// `idle`.
+pub async fn read_all(
+    config: &Config,
+    topic: &str,
+    idle: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, topic) = (config.kafka_brokers.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap_or_else(|e| missing("Kafka", &brokers, e));
+        reader.subscribe(&[&topic]).expect("subscribe");
+        let mut out = Vec::new();
+        let mut last = std::time::Instant::now();
+        while last.elapsed() < idle {
+            if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+                last = std::time::Instant::now();
+            }
+        }
+        out
+    })
+    .await
+    .expect("reader thread")
+}

@@ -16,7 +16,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+
 use rdkafka::{ClientConfig, Message};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use vidpipe::stages::{self, Services};
 use vidpipe::store::catalog::PgCatalog;
 use vidpipe::template::codec::Codec;
 
-use crate::helpers::{config, fresh_database_url, unique};
+use crate::helpers::{config, fresh_database_url, read_all, unique};
 
 /// Scripts of the spoken test videos.
 pub const SCRIPTS: [&str; 3] = [
@@ -232,28 +232,11 @@ impl Drop for Pipeline {
 
 /// Every lifecycle event on the events topic, by video.
 async fn events(c: &Config) -> HashMap<String, Vec<LifecycleEvent>> {
-    let cc = c.clone();
-    let raw = tokio::task::spawn_blocking(move || {
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &cc.kafka_brokers)
-            .set("group.id", unique("events"))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        reader.subscribe(&[&cc.topic("events")]).unwrap();
-        let mut out = Vec::new();
-        let mut idle = Instant::now();
-        while idle.elapsed() < Duration::from_secs(4) {
-            if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
-                out.push(m.payload().unwrap_or_default().to_vec());
-                idle = Instant::now();
-            }
-        }
-        out
-    })
-    .await
-    .unwrap();
+    let raw: Vec<Vec<u8>> = read_all(c, &c.topic("events"), Duration::from_secs(4))
+        .await
+        .into_iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect();
     let dec = Codec::new(c.schema_registry_url.as_deref())
         .unwrap()
         .decoder(LifecycleEvent::SCHEMA)

@@ -18,7 +18,7 @@ use vidpipe::template::codec::Codec;
 use vidpipe::template::testkit::Item;
 use vidpipe::template::topics;
 
-use crate::helpers::{config, fresh_database, unique};
+use crate::helpers::{config, fresh_database, read_all, unique};
 
 /// One scenario's world: its topics, database and input.
 pub struct Harness {
@@ -273,29 +273,11 @@ impl Harness {
     /// What a read_committed reader finds on the output topic: how many
     /// times each (video, seq) appears.
     pub async fn output_counts(&self) -> HashMap<(String, i64), usize> {
-        let c = self.c.clone();
-        let raw = tokio::task::spawn_blocking(move || {
-            let reader: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &c.kafka_brokers)
-                .set("group.id", unique("verify"))
-                .set("auto.offset.reset", "earliest")
-                .set("isolation.level", "read_committed")
-                .set("enable.auto.commit", "false")
-                .create()
-                .unwrap();
-            reader.subscribe(&[&c.topic("out")]).unwrap();
-            let mut out = Vec::new();
-            let mut idle = Instant::now();
-            while idle.elapsed() < Duration::from_secs(5) {
-                if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
-                    out.push(m.payload().unwrap_or_default().to_vec());
-                    idle = Instant::now();
-                }
-            }
-            out
-        })
-        .await
-        .unwrap();
+        let raw: Vec<Vec<u8>> = read_all(&self.c, &self.c.topic("out"), Duration::from_secs(5))
+            .await
+            .into_iter()
+            .map(|m| m.payload().unwrap_or_default().to_vec())
+            .collect();
         let dec = self.codec.decoder(Item::SCHEMA).unwrap();
         let mut counts: HashMap<(String, i64), usize> = HashMap::new();
         for bytes in raw {
