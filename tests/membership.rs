@@ -76,8 +76,12 @@ async fn a_zombie_is_fenced_in_kafka_and_in_the_database() {
     let h = Harness::new("zombie", Guarantee::ExactlyOnce, 4, RECORDS, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let zombie_log = dir.path().join("zombie.log");
-    // Slow records and many in flight, so the zombie is mid-work when stopped.
-    let env = [("COPY_DELAY_MS", "50"), ("VIDPIPE_RUNNER__IN_FLIGHT", "16")];
+    // Slow records and many in flight, so the zombie is mid-work when stopped:
+    // at 150 ms a record its partitions still hold most of their records when
+    // the other instance has joined, even when a loaded machine makes the
+    // join slow (at 50 ms the zombie sometimes finished first and had no
+    // stale write left to be refused).
+    let env = [("COPY_DELAY_MS", "150"), ("VIDPIPE_RUNNER__IN_FLIGHT", "16")];
     let probe = h.probe();
     let mut zombie = tokio::task::block_in_place(|| {
         let mut z = h.spawn("zombie", &env, Some(&zombie_log));
