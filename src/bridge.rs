@@ -17,8 +17,9 @@
 //!   up to the topic's current end, and is acknowledged without a new record
 //!   if its id is there. What this cannot catch: two copies of one command
 //!   handled by two instances at the same moment (a publisher's retry racing
-//!   the original); downstream, discovery's claims by command id and the
-//!   status rows' idempotency make such a repeat harmless.
+//!   the original); downstream, discovery's claims by command id (for a
+//!   restart command, its row in `restarts`) and the status rows'
+//!   idempotency make such a repeat harmless.
 //! - **Event mirror** (`bridge.mirror = true`). `KafkaEvents` reads
 //!   `<prefix>events` in a consumer group (`read_committed`, so aborted
 //!   transactions are never mirrored) and the adapter publishes each event
@@ -510,8 +511,12 @@ fn build_record(cmd: &LegacyCommand) -> Result<Command, SinkError> {
         }
     };
     // As `vidpipe submit`: a source gets a new generation per look, a
-    // video its first. Whoever handles a restart picks its generation.
-    let generation = if video_id.starts_with("src:") {
+    // video its first. A restart gets 0: discovery's run of the command is
+    // recorded apart from the video's real generations (which start at 1),
+    // and the restart itself picks the video's next generation.
+    let generation = if start_stage.is_some() {
+        0
+    } else if video_id.starts_with("src:") {
         now_ms()
     } else {
         1
@@ -1115,6 +1120,7 @@ mod tests {
         let c = sink_record(&cmd).unwrap();
         assert_eq!(c.meta.video_id, "yt:abc");
         assert_eq!(c.start_stage.as_deref(), Some("transcribe"));
+        assert_eq!(c.meta.generation, 0, "a restart's own run is generation 0");
         cmd.stage = Stage::Discover;
         cmd.url = Some("https://[::1".into());
         let err = sink_record(&cmd).unwrap_err();

@@ -27,11 +27,26 @@
 //! generation, so `vidpipe status` shows the replay at once; if Kafka then
 //! refuses the record, the row is put back. Records are produced by an
 //! idempotent producer with the pipeline's codec.
+//!
+//! [`Restarts`] is the same replay for one video at a time, on behalf of a
+//! restart command (a legacy `{"video_id"}` message on a stage queue, which
+//! the bridge turns into a [`Command`] with `start_stage`): discovery hands
+//! such a command to it through the [`Restarter`] trait. It differs from
+//! `vidpipe replay` in three ways. The input record is taken from the
+//! database first (the previous stage's status row) and the topic is read
+//! only when that has none, so a command does not scan a whole topic. Each
+//! command id is recorded in `restarts` in the transaction that moves the
+//! video to its new generation, so a repeated command is a no-op and one
+//! interrupted after that point sends its record again under the same
+//! generation rather than taking another. And the re-fed record keeps the
+//! command's trace id and carries it as `vidpipe.command_id`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -48,6 +63,8 @@ use crate::records::{
     now_ms,
 };
 use crate::stages::STAGES;
+use crate::stages::discover::{RestartRequest, Restarted, Restarter};
+use crate::template::StageError;
 use crate::template::codec::{Codec, CodecError, Decoder, Encoder};
 
 /// Whether a replay from discover is allowed: discover hands a video
@@ -97,6 +114,43 @@ pub enum ReplayError {
     /// PostgreSQL is unreachable or refused.
     #[error("PostgreSQL: {0}")]
     Database(#[from] sqlx::Error),
+    /// Another handler of the same restart command got there first.
+    #[error("{0}")]
+    InProgress(String),
+}
+
+impl ReplayError {
+    /// Whether the same request can never succeed as it is (as opposed to
+    /// a service that is unreachable now).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ReplayError::UnknownStage(_)
+            | ReplayError::Usage(_)
+            | ReplayError::Unsupported(_)
+            | ReplayError::UnknownVideos(_)
+            | ReplayError::NotReplayable(_)
+            | ReplayError::MissingTopic(_) => true,
+            ReplayError::Kafka { .. }
+            | ReplayError::Registry(_)
+            | ReplayError::Database(_)
+            | ReplayError::InProgress(_) => false,
+        }
+    }
+
+    /// A short machine-readable kind, for a stage error's class.
+    fn kind(&self) -> &'static str {
+        match self {
+            ReplayError::UnknownStage(_) => "unknown_stage",
+            ReplayError::Usage(_) | ReplayError::Unsupported(_) => "bad_restart",
+            ReplayError::UnknownVideos(_) => "unknown_video",
+            ReplayError::NotReplayable(_) => "no_input",
+            ReplayError::MissingTopic(_) => "missing_topic",
+            ReplayError::Kafka { .. } => "kafka",
+            ReplayError::Registry(_) => "schema_registry",
+            ReplayError::Database(_) => "database",
+            ReplayError::InProgress(_) => "in_progress",
+        }
+    }
 }
 
 fn kafka(config: &Config, e: impl std::fmt::Display) -> ReplayError {
@@ -556,10 +610,11 @@ async fn db_candidates(
         }
         Some(previous) => {
             // A video found in a feed was discovered under the feed's run:
-            // its discovery time is in the catalog.
+            // its discovery time is in the catalog. Generation 0 is a
+            // restart command's own discover run, which hands nothing on.
             sqlx::query_scalar(
                 "SELECT r.video_id FROM stage_runs r JOIN videos v ON v.id = r.video_id
-                 WHERE r.stage = $1 AND r.status = 'done'
+                 WHERE r.stage = $1 AND r.status = 'done' AND r.generation > 0
                    AND r.finished_at >= $2 AND ($3::timestamptz IS NULL OR r.finished_at < $3)
                  UNION
                  SELECT d.video_id FROM discovered d JOIN videos v ON v.id = d.video_id
@@ -794,6 +849,159 @@ struct Bumped {
     old_error: Option<String>,
 }
 
+/// Atomically moves a video's row to `queued` at `stage`, at the
+/// generation after everything the video has (another replay may have
+/// taken the planned one); `None` when there is no such video.
+async fn bump<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    video_id: &str,
+    stage: &str,
+) -> Result<Option<Bumped>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH old AS (
+           SELECT id, generation, status, stage, error FROM videos WHERE id = $1 FOR UPDATE
+         ), top AS (
+           SELECT COALESCE(max(generation), 0) AS g FROM stage_runs WHERE video_id = $1
+         )
+         UPDATE videos v
+           SET generation = GREATEST(old.generation, top.g) + 1, status = 'queued',
+               stage = $2, error = NULL, updated_at = now()
+         FROM old, top WHERE v.id = old.id
+         RETURNING v.generation, old.generation AS old_generation, old.status AS old_status,
+                   old.stage AS old_stage, old.error AS old_error",
+    )
+    .bind(video_id)
+    .bind(stage)
+    .fetch_optional(db)
+    .await
+}
+
+/// Puts a video's row back after its record could not be sent, unless a
+/// stage has moved it on meanwhile.
+async fn restore(pool: &PgPool, video_id: &str, bumped: &Bumped) {
+    let restored = sqlx::query(
+        "UPDATE videos SET generation = $2, status = $3, stage = $4, error = $5,
+           updated_at = now()
+         WHERE id = $1 AND generation = $6 AND status = 'queued'",
+    )
+    .bind(video_id)
+    .bind(bumped.old_generation)
+    .bind(&bumped.old_status)
+    .bind(&bumped.old_stage)
+    .bind(&bumped.old_error)
+    .bind(bumped.generation)
+    .execute(pool)
+    .await;
+    if let Err(db) = restored {
+        tracing::error!(video_id, error = %db,
+                        "cannot put the video's row back after a failed replay");
+    }
+}
+
+/// What a re-fed record says about itself in its headers, besides its
+/// generation.
+struct Provenance<'a> {
+    from_generation: i64,
+    source: Source,
+    /// The restart command it carries out, if any.
+    command_id: Option<&'a str>,
+}
+
+/// Produces re-fed records: one idempotent producer, and one encoder per
+/// input topic (its schema registered on first use).
+struct Feeder {
+    config: Config,
+    producer: FutureProducer,
+    codec: Arc<Codec>,
+    encoders: tokio::sync::Mutex<HashMap<String, Encoder>>,
+}
+
+impl Feeder {
+    fn new(config: &Config, codec: Arc<Codec>) -> Result<Self, ReplayError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka_brokers)
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "15000")
+            .create()
+            .map_err(|e| kafka(config, e))?;
+        Ok(Self {
+            config: config.clone(),
+            producer,
+            codec,
+            encoders: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn encoder(&self, topic: &str, kind: Kind) -> Result<Encoder, ReplayError> {
+        let mut encoders = self.encoders.lock().await;
+        if let Some(e) = encoders.get(topic) {
+            return Ok(e.clone());
+        }
+        let e = self
+            .codec
+            .encoder(topic, kind.schema())
+            .await
+            .map_err(codec_error)?;
+        encoders.insert(topic.to_string(), e.clone());
+        Ok(e)
+    }
+
+    /// Sends `record` to `topic`, keyed by its video id, and waits for
+    /// Kafka's acknowledgement.
+    async fn feed(
+        &self,
+        topic: &str,
+        kind: Kind,
+        record: &Input,
+        provenance: &Provenance<'_>,
+    ) -> Result<(), ReplayError> {
+        let encoder = self.encoder(topic, kind).await?;
+        let video_id = &record.meta().video_id;
+        let payload = record.encode(&encoder).map_err(|e| {
+            if e.is_retryable() {
+                codec_error(e)
+            } else {
+                ReplayError::NotReplayable(vec![(
+                    video_id.clone(),
+                    format!("its input record does not encode: {e}"),
+                )])
+            }
+        })?;
+        let generation = record.meta().generation.to_string();
+        let from_generation = provenance.from_generation.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header {
+                key: "vidpipe.generation",
+                value: Some(&generation),
+            })
+            .insert(Header {
+                key: "vidpipe.replay.from-generation",
+                value: Some(&from_generation),
+            })
+            .insert(Header {
+                key: "vidpipe.replay.source",
+                value: Some(provenance.source.as_str()),
+            });
+        if let Some(id) = provenance.command_id {
+            headers = headers.insert(Header {
+                key: "vidpipe.command_id",
+                value: Some(id),
+            });
+        }
+        self.producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(video_id)
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(15),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kafka(&self.config, e))
+    }
+}
+
 /// Sends a plan: per video, moves its row to `queued` at the next
 /// generation and produces its record; stops at the first failure, with
 /// that video's row put back.
@@ -811,101 +1019,29 @@ pub async fn send(
         ));
     }
     let kind = Kind::parse(&plan.stage)?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "15000")
-        .create()
-        .map_err(|e| kafka(config, e))?;
     let codec = Codec::new(config.schema_registry_url.as_deref()).map_err(codec_error)?;
-    let encoder = codec
-        .encoder(&plan.topic, kind.schema())
-        .await
-        .map_err(codec_error)?;
+    let feeder = Feeder::new(config, codec)?;
+    // The schema is registered before any row moves: a registry that
+    // refuses it fails the replay with nothing changed.
+    feeder.encoder(&plan.topic, kind).await?;
     let mut done = Vec::with_capacity(plan.items.len());
     for item in plan.items {
         let mut record = item.record;
-        // Atomically: the next generation after everything the video has
-        // (another replay may have taken the planned one), status queued.
-        let bumped: Option<Bumped> = sqlx::query_as(
-            "WITH old AS (
-               SELECT id, generation, status, stage, error FROM videos WHERE id = $1 FOR UPDATE
-             ), top AS (
-               SELECT COALESCE(max(generation), 0) AS g FROM stage_runs WHERE video_id = $1
-             )
-             UPDATE videos v
-               SET generation = GREATEST(old.generation, top.g) + 1, status = 'queued',
-                   stage = $2, error = NULL, updated_at = now()
-             FROM old, top WHERE v.id = old.id
-             RETURNING v.generation, old.generation AS old_generation, old.status AS old_status,
-                       old.stage AS old_stage, old.error AS old_error",
-        )
-        .bind(&item.video_id)
-        .bind(&plan.stage)
-        .fetch_optional(pool)
-        .await?;
-        let Some(Bumped {
-            generation,
-            old_generation,
-            old_status,
-            old_stage,
-            old_error,
-        }) = bumped
-        else {
+        let Some(bumped) = bump(pool, &item.video_id, &plan.stage).await? else {
             return Err(ReplayError::UnknownVideos(vec![item.video_id]));
         };
+        let generation = bumped.generation;
         record.meta_mut().generation = generation;
         // What the video had, whatever the plan saw.
         let from_generation = generation - 1;
-        let sent = match record.encode(&encoder) {
-            Ok(payload) => {
-                let headers = OwnedHeaders::new_with_capacity(3)
-                    .insert(Header {
-                        key: "vidpipe.generation",
-                        value: Some(&generation.to_string()),
-                    })
-                    .insert(Header {
-                        key: "vidpipe.replay.from-generation",
-                        value: Some(&from_generation.to_string()),
-                    })
-                    .insert(Header {
-                        key: "vidpipe.replay.source",
-                        value: Some(item.source.as_str()),
-                    });
-                producer
-                    .send(
-                        FutureRecord::to(&plan.topic)
-                            .key(&record.meta().video_id)
-                            .payload(&payload)
-                            .headers(headers),
-                        Duration::from_secs(15),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| kafka(config, e))
-            }
-            Err(e) => Err(codec_error(e)),
+        let provenance = Provenance {
+            from_generation,
+            source: item.source,
+            command_id: None,
         };
-        if let Err(e) = sent {
-            // Nothing was sent for this video: put its row back, unless a
-            // stage has moved it on meanwhile.
-            let restored = sqlx::query(
-                "UPDATE videos SET generation = $2, status = $3, stage = $4, error = $5,
-                   updated_at = now()
-                 WHERE id = $1 AND generation = $6 AND status = 'queued'",
-            )
-            .bind(&item.video_id)
-            .bind(old_generation)
-            .bind(&old_status)
-            .bind(&old_stage)
-            .bind(&old_error)
-            .bind(generation)
-            .execute(pool)
-            .await;
-            if let Err(db) = restored {
-                tracing::error!(video_id = item.video_id, error = %db,
-                                "cannot put the video's row back after a failed replay");
-            }
+        if let Err(e) = feeder.feed(&plan.topic, kind, &record, &provenance).await {
+            // Nothing was sent for this video.
+            restore(pool, &item.video_id, &bumped).await;
             return Err(e);
         }
         done.push(Replayed {
@@ -916,6 +1052,327 @@ pub async fn send(
         });
     }
     Ok(done)
+}
+
+/// The input record of one video for a restart: from the database (the
+/// previous stage's status row) when it has one, else as `vidpipe replay`
+/// finds it (the topic first).
+async fn plan_restart(
+    config: &Config,
+    pool: &PgPool,
+    kind: Kind,
+    stage: &str,
+    video_id: &str,
+) -> Result<Planned, ReplayError> {
+    let Some(video) = videos_by_id(pool, &[video_id.to_string()])
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Err(ReplayError::UnknownVideos(vec![video_id.to_string()]));
+    };
+    let mut record = match from_database(pool, kind, &video).await? {
+        Ok(record) => record,
+        Err(_) => {
+            let selection = Selection {
+                stage: stage.to_string(),
+                videos: vec![video_id.to_string()],
+                ..Selection::default()
+            };
+            return plan(config, pool, &selection)
+                .await?
+                .items
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    ReplayError::NotReplayable(vec![(video.id, "no input record".into())])
+                });
+        }
+    };
+    record.meta_mut().video_id = video.id.clone();
+    Ok(Planned {
+        video_id: video.id,
+        from_generation: video.generation,
+        to_generation: video.generation + 1,
+        source: Source::Database,
+        record,
+    })
+}
+
+/// A restart command's row in `restarts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct RestartRecord {
+    /// The command's id.
+    pub command_id: String,
+    /// The video it restarts.
+    pub video_id: String,
+    /// The stage it restarts at.
+    pub stage: String,
+    /// `pending` (the video moved to its new generation, the record not yet
+    /// acknowledged by Kafka), `sent` or `failed`.
+    pub status: String,
+    /// The generation the command moved the video to.
+    pub generation: Option<i64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The row of restart command `command_id`, once discovery has handled it.
+pub async fn restart_record(
+    pool: &PgPool,
+    command_id: &str,
+) -> Result<Option<RestartRecord>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT command_id, video_id, stage, status, generation, error FROM restarts
+         WHERE command_id = $1",
+    )
+    .bind(db_text(command_id))
+    .fetch_optional(pool)
+    .await
+}
+
+/// PostgreSQL text holds no NUL; command ids and video ids come from
+/// outside.
+fn db_text(s: &str) -> String {
+    s.replace('\0', "\u{fffd}")
+}
+
+/// What became of one restart command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RestartOutcome {
+    /// The video runs again from the stage as a new generation.
+    Sent(Replayed),
+    /// The command had been carried out before: nothing changed.
+    Repeat {
+        /// Video id.
+        video_id: String,
+        /// The generation that command moved the video to.
+        generation: i64,
+    },
+}
+
+/// Carries out restart commands for discovery: the replay of one video
+/// from a stage, once per command id (see the module docs).
+pub struct Restarts {
+    config: Config,
+    pool: PgPool,
+    feeder: Feeder,
+}
+
+impl Restarts {
+    /// Restarts on a migrated database; contacts nothing yet.
+    pub fn new(config: &Config, pool: PgPool, codec: Arc<Codec>) -> Result<Self, ReplayError> {
+        Ok(Self {
+            config: config.clone(),
+            pool,
+            feeder: Feeder::new(config, codec)?,
+        })
+    }
+
+    /// Runs `video_id` again from `stage` as a new generation, unless the
+    /// command `command_id` did so before. A permanent failure (an unknown
+    /// video, no input record for the stage) is recorded as the command's
+    /// row before it is returned.
+    pub async fn handle(
+        &self,
+        command_id: &str,
+        video_id: &str,
+        stage: &str,
+        trace_id: &str,
+    ) -> Result<RestartOutcome, ReplayError> {
+        let result = self.carry_out(command_id, video_id, stage, trace_id).await;
+        if let Err(e) = &result
+            && e.is_permanent()
+        {
+            sqlx::query(
+                "INSERT INTO restarts (command_id, video_id, stage, status, error)
+                 VALUES ($1, $2, $3, 'failed', $4)
+                 ON CONFLICT (command_id) DO UPDATE
+                   SET status = 'failed', error = EXCLUDED.error, updated_at = now()
+                 WHERE restarts.status <> 'sent'",
+            )
+            .bind(db_text(command_id))
+            .bind(db_text(video_id))
+            .bind(db_text(stage))
+            .bind(db_text(&e.to_string()))
+            .execute(&self.pool)
+            .await?;
+        }
+        result
+    }
+
+    async fn carry_out(
+        &self,
+        command_id: &str,
+        video_id: &str,
+        stage: &str,
+        trace_id: &str,
+    ) -> Result<RestartOutcome, ReplayError> {
+        let kind = Kind::parse(stage)?;
+        if kind == Kind::Discover {
+            return Err(ReplayError::Unsupported(
+                "a restart starts at download, extract-audio, transcribe or summarize; \
+                 to discover a URL again, send a discovery command"
+                    .into(),
+            ));
+        }
+        // No video id holds a control character (ids are `yt:…` or
+        // `url:<hash>`), and PostgreSQL would refuse a NUL in a query.
+        if video_id.is_empty() || video_id.chars().any(char::is_control) {
+            return Err(ReplayError::UnknownVideos(vec![
+                video_id.escape_debug().to_string(),
+            ]));
+        }
+        let topic = admin::input_topic(&self.config, stage)
+            .map_err(|_| ReplayError::UnknownStage(stage.to_string()))?;
+        let command_key = db_text(command_id);
+        // A second look finds a concurrent handler of the same command
+        // that committed first.
+        for _ in 0..2 {
+            match restart_record(&self.pool, command_id).await? {
+                Some(r) if r.status == "sent" => {
+                    return Ok(RestartOutcome::Repeat {
+                        video_id: r.video_id,
+                        generation: r.generation.unwrap_or_default(),
+                    });
+                }
+                Some(RestartRecord {
+                    status,
+                    generation: Some(generation),
+                    ..
+                }) if status == "pending" => {
+                    // Interrupted after the video moved on: Kafka may or
+                    // may not have the record, and sending it again under
+                    // the same generation is harmless (stages are
+                    // idempotent per generation).
+                    tracing::info!(
+                        command_id,
+                        video_id,
+                        generation,
+                        "restart command seen before: sending its record again"
+                    );
+                    let item =
+                        plan_restart(&self.config, &self.pool, kind, stage, video_id).await?;
+                    return self
+                        .feed(item, &topic, kind, generation, command_id, trace_id)
+                        .await;
+                }
+                _ => {}
+            }
+            let item = plan_restart(&self.config, &self.pool, kind, stage, video_id).await?;
+            let mut tx = self.pool.begin().await?;
+            let claimed = sqlx::query(
+                "INSERT INTO restarts (command_id, video_id, stage, status)
+                 VALUES ($1, $2, $3, 'pending')
+                 ON CONFLICT (command_id) DO UPDATE
+                   SET video_id = EXCLUDED.video_id, stage = EXCLUDED.stage, status = 'pending',
+                       generation = NULL, error = NULL, updated_at = now()
+                 WHERE restarts.status = 'failed'",
+            )
+            .bind(&command_key)
+            .bind(video_id)
+            .bind(stage)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !claimed {
+                tx.rollback().await?;
+                continue;
+            }
+            let Some(bumped) = bump(&mut *tx, video_id, stage).await? else {
+                tx.rollback().await?;
+                return Err(ReplayError::UnknownVideos(vec![video_id.to_string()]));
+            };
+            sqlx::query(
+                "UPDATE restarts SET generation = $2, updated_at = now() WHERE command_id = $1",
+            )
+            .bind(&command_key)
+            .bind(bumped.generation)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            // From here on the command is `pending` at this generation: if
+            // Kafka does not take the record, the row stays so, and the
+            // runner's retry (or the command's next delivery) sends it
+            // again under the same generation.
+            return self
+                .feed(item, &topic, kind, bumped.generation, command_id, trace_id)
+                .await;
+        }
+        Err(ReplayError::InProgress(format!(
+            "restart command {command_id:?} is being handled elsewhere"
+        )))
+    }
+
+    /// Sends a restart's record as `generation` and marks the command sent.
+    async fn feed(
+        &self,
+        item: Planned,
+        topic: &str,
+        kind: Kind,
+        generation: i64,
+        command_id: &str,
+        trace_id: &str,
+    ) -> Result<RestartOutcome, ReplayError> {
+        let mut record = item.record;
+        let meta = record.meta_mut();
+        meta.generation = generation;
+        // The restart follows the command's trace.
+        if !trace_id.is_empty() {
+            meta.trace_id = trace_id.to_string();
+        }
+        let provenance = Provenance {
+            from_generation: generation - 1,
+            source: item.source,
+            command_id: Some(command_id),
+        };
+        self.feeder.feed(topic, kind, &record, &provenance).await?;
+        sqlx::query(
+            "UPDATE restarts SET status = 'sent', updated_at = now()
+             WHERE command_id = $1 AND status = 'pending'",
+        )
+        .bind(db_text(command_id))
+        .execute(&self.pool)
+        .await?;
+        Ok(RestartOutcome::Sent(Replayed {
+            video_id: item.video_id,
+            from_generation: generation - 1,
+            generation,
+            source: item.source,
+        }))
+    }
+}
+
+impl Restarter for Restarts {
+    fn restart<'a>(
+        &'a self,
+        request: &'a RestartRequest,
+    ) -> BoxFuture<'a, Result<Restarted, StageError>> {
+        Box::pin(async move {
+            let r = request;
+            match self
+                .handle(&r.command_id, &r.video_id, &r.stage, &r.trace_id)
+                .await
+            {
+                Ok(RestartOutcome::Sent(done)) => Ok(Restarted::Started {
+                    from_generation: done.from_generation,
+                    generation: done.generation,
+                }),
+                Ok(RestartOutcome::Repeat { generation, .. }) => {
+                    Ok(Restarted::Repeat { generation })
+                }
+                Err(e) => {
+                    let message = format!("restart of {:?} at {}: {e}", r.video_id, r.stage);
+                    Err(if e.is_permanent() {
+                        StageError::permanent(e.kind(), message)
+                    } else {
+                        StageError::retryable(e.kind(), message)
+                    })
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -954,6 +1411,34 @@ mod tests {
             Kind::parse("transcode"),
             Err(ReplayError::UnknownStage(_))
         ));
+    }
+
+    #[test]
+    fn only_unreachable_services_are_worth_retrying() {
+        let permanent = [
+            ReplayError::UnknownStage("x".into()),
+            ReplayError::UnknownVideos(vec!["url:x".into()]),
+            ReplayError::NotReplayable(vec![("url:x".into(), "no input record".into())]),
+            ReplayError::MissingTopic("t".into()),
+            ReplayError::Unsupported("no".into()),
+        ];
+        for e in &permanent {
+            assert!(e.is_permanent(), "{e}");
+        }
+        assert_eq!(permanent[1].kind(), "unknown_video");
+        assert!(permanent[1].to_string().contains("url:x"));
+        let transient = [
+            ReplayError::Kafka {
+                brokers: "b".into(),
+                message: "down".into(),
+            },
+            ReplayError::Registry("down".into()),
+            ReplayError::Database(sqlx::Error::PoolTimedOut),
+            ReplayError::InProgress("elsewhere".into()),
+        ];
+        for e in &transient {
+            assert!(!e.is_permanent(), "{e}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! with no service stopped (the outage tests are in the `disruptive` test
 //! binary, which runs on its own): legacy commands in, command records
 //! and dead letters out; the event mirror; and a legacy command that ends
-//! with a transcribed video. Each test has queues, exchanges and topics of
+//! with a transcribed video, which a legacy restart command then runs
+//! again from transcription. Each test has queues, exchanges and topics of
 //! its own.
 
 #[path = "disruptive/legacy.rs"]
@@ -435,6 +436,9 @@ async fn kafka_events(c: &Config, video: &str) -> Vec<LifecycleEvent> {
     out
 }
 
+/// One spoken video through the whole legacy path: discovered from
+/// `discovery_queue`, done, its events mirrored, then restarted from
+/// `transcription_queue` (see [`restart_from_the_transcription_queue`]).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_legacy_discovery_command_ends_with_a_done_video_and_its_events_mirrored() {
     let started = Instant::now();
@@ -527,9 +531,244 @@ async fn a_legacy_discovery_command_ends_with_a_done_video_and_its_events_mirror
         })
         .collect();
     assert_eq!(mirrored, expected, "mirrored events, in Kafka's order");
-    bridge.stop().await;
     let _ = conn.close(200, "bye".into()).await;
+
+    restart_from_the_transcription_queue(&p, &c, &names, bridge, &id).await;
     p.stop().await;
     names.delete(&c).await;
     eprintln!("took {:?}", started.elapsed());
+}
+
+/// (stage, generation, status) of every run recorded under `id`.
+async fn runs(pool: &sqlx::PgPool, id: &str) -> BTreeSet<(String, i64, String)> {
+    sqlx::query_as("SELECT stage, generation, status FROM stage_runs WHERE video_id = $1")
+        .bind(id)
+        .fetch_all(pool)
+        .await
+        .expect("stage runs")
+        .into_iter()
+        .collect()
+}
+
+/// Waits until `id` is done or failed at `generation` or later.
+async fn wait_generation(
+    p: &Pipeline,
+    bridge: &mut Running,
+    id: &str,
+    generation: i64,
+) -> vidpipe::client::VideoStatus {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        bridge.check().await;
+        let v = vidpipe::client::status(&p.pool, &[id.to_string()], 1)
+            .await
+            .expect("status")
+            .pop()
+            .expect("the video has a row");
+        if v.generation >= generation && (v.status == "done" || v.status == "failed") {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} did not finish generation {generation}: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A legacy restart command (`{"video_id"}` on a stage queue) for `id`.
+fn restart_message(n: usize, queue: usize, id: &str, message_id: &str) -> Legacy {
+    Legacy {
+        n,
+        queue,
+        body: serde_json::json!({ "video_id": id })
+            .to_string()
+            .into_bytes(),
+        message_id: Some(message_id.to_string()),
+        expect: Expect::Valid {
+            start_stage: Some(legacy::STAGES[queue]),
+            url: None,
+            video_id: Some(id.to_string()),
+        },
+    }
+}
+
+/// The old system restarts a finished video at transcription: it runs
+/// again from transcribe as a new generation, once per command however
+/// often the command arrives; a restart of an unknown video fails with a
+/// reason naming it.
+async fn restart_from_the_transcription_queue(
+    p: &Pipeline,
+    c: &Config,
+    names: &Names,
+    mut bridge: Running,
+    id: &str,
+) {
+    let message_id = unique("restart");
+    let restart = restart_message(1, 3, id, &message_id);
+    let mut publisher = Publisher::new(c);
+    publisher.declare(&names.queues[3]).await;
+    publisher.declare(&names.queues[4]).await;
+    publisher.publish(&names.queues[3], &restart).await;
+    let v = wait_generation(p, &mut bridge, id, 2).await;
+    assert_eq!((v.status.as_str(), v.generation), ("done", 2), "{v:#?}");
+    let first: BTreeSet<(String, i64, String)> = [
+        "discover",
+        "download",
+        "extract-audio",
+        "transcribe",
+        "summarize",
+    ]
+    .iter()
+    .map(|s| (s.to_string(), 1, "done".to_string()))
+    .collect();
+    let mut expected = first.clone();
+    for (stage, generation) in [("transcribe", 2), ("summarize", 2), ("discover", 0)] {
+        expected.insert((stage.to_string(), generation, "done".to_string()));
+    }
+    // Generation 0 is the restart command's own discover run.
+    assert_eq!(
+        runs(&p.pool, id).await,
+        expected,
+        "transcribe and summarize ran again; download and extract-audio did not"
+    );
+    let row = vidpipe::replay::restart_record(&p.pool, &message_id)
+        .await
+        .expect("restart row")
+        .expect("the command is recorded");
+    assert_eq!(
+        (row.status.as_str(), row.generation, row.stage.as_str()),
+        ("sent", Some(2), "transcribe"),
+        "{row:?}"
+    );
+    let transcript = vidpipe::client::stage_output(&p.pool, id, "transcribe", Some(2))
+        .await
+        .expect("stage output")
+        .expect("generation 2 has a transcript");
+    assert_eq!(transcript["meta"]["generation"], 2, "{transcript}");
+
+    // The same command again: once more from RabbitMQ with the same
+    // message id (the bridge recognises it), and once as a second copy of
+    // its record on Kafka (what two bridge instances racing on a
+    // publisher's retry would write), which discovery must recognise.
+    publisher.publish(&names.queues[3], &restart).await;
+    let record = legacy::commands(c)
+        .await
+        .into_iter()
+        .find(|r| r.command_id == message_id)
+        .expect("the restart command is on Kafka");
+    assert_eq!(record.start_stage.as_deref(), Some("transcribe"));
+    assert_eq!(record.meta.video_id, id);
+    let codec = Codec::new(c.schema_registry_url.as_deref()).expect("codec");
+    let payload = codec
+        .encoder(&c.topic("commands"), vidpipe::records::Command::SCHEMA)
+        .await
+        .unwrap_or_else(|e| missing("the schema registry", "schema_registry_url", e))
+        .encode(&record)
+        .expect("encode the command");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &c.kafka_brokers)
+        .create()
+        .unwrap_or_else(|e| missing("Kafka", &c.kafka_brokers, e));
+    producer
+        .send(
+            FutureRecord::to(&c.topic("commands"))
+                .key(id)
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| missing("Kafka", &c.kafka_brokers, e));
+
+    // A restart of a video nobody knows.
+    let unknown = format!("url:{}", unique("nosuchvideo"));
+    let unknown_id = unique("restart-unknown");
+    publisher
+        .publish(
+            &names.queues[4],
+            &restart_message(2, 4, &unknown, &unknown_id),
+        )
+        .await;
+    publisher.close().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failed = loop {
+        bridge.check().await;
+        let row = vidpipe::replay::restart_record(&p.pool, &unknown_id)
+            .await
+            .expect("restart row");
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the unknown video's restart was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(failed.status, "failed", "{failed:?}");
+    let reason = failed.error.clone().unwrap_or_default();
+    assert!(
+        reason.contains(&unknown) && reason.contains("unknown video"),
+        "{reason}"
+    );
+    // The command's own run failed with that reason; no video row appeared.
+    let run: (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, error_class, error FROM stage_runs
+         WHERE video_id = $1 AND stage = 'discover' AND generation = 0",
+    )
+    .bind(&unknown)
+    .fetch_one(&p.pool)
+    .await
+    .expect("the unknown restart's discover run");
+    assert_eq!(run.0, "failed", "{run:?}");
+    assert_eq!(run.1.as_deref(), Some("permanent:unknown_video"), "{run:?}");
+    assert!(run.2.unwrap_or_default().contains(&unknown));
+    let video_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM videos WHERE id = $1")
+        .bind(&unknown)
+        .fetch_one(&p.pool)
+        .await
+        .expect("count");
+    assert_eq!(video_rows, 0, "an unknown video gets no row");
+
+    // Everything handled: the bridge stops after finishing what it holds
+    // (anything unacknowledged would go back to its queue), and discovery
+    // has committed every command on Kafka.
+    bridge.stop().await;
+    let group = vidpipe::admin::group(&p.config, "discover");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut waiting = 0;
+        for q in &names.queues {
+            waiting += legacy::depth(c, q).await;
+        }
+        let (committed, end) = group_progress(c, &group, &c.topic("commands"));
+        if waiting == 0 && committed == end {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} messages waiting, discovery committed {committed} of {end}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let copies = legacy::commands(c)
+        .await
+        .iter()
+        .filter(|r| r.command_id == message_id)
+        .count();
+    assert!(
+        copies >= 2,
+        "the restart command is on Kafka {copies} times"
+    );
+    let v = vidpipe::client::status(&p.pool, &[id.to_string()], 1)
+        .await
+        .expect("status")
+        .pop()
+        .expect("the video has a row");
+    assert_eq!(
+        (v.status.as_str(), v.generation),
+        ("done", 2),
+        "a repeated command starts nothing: {v:#?}"
+    );
+    assert_eq!(runs(&p.pool, id).await, expected, "no third generation");
 }

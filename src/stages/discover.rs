@@ -3,8 +3,20 @@
 //! is listed with yt-dlp; an RSS/Atom or podcast feed yields its entries
 //! (enclosures first). Each video gets its deterministic id and is claimed
 //! in the catalog, so a video seen before is not processed again.
+//!
+//! A command with a `start_stage` after discover (a legacy `{"video_id"}`
+//! message on a stage queue) is not a discovery: it asks for a known video
+//! to run again from that stage, as `vidpipe replay --stage STAGE --video
+//! ID` does. Discovery hands it to a [`Restarter`] and hands nothing on
+//! itself. The bridge gives such a command generation 0, so its own
+//! discover run gets a status row of its own (`(video, discover, 0)`) and
+//! never overwrites the video's first discovery; the video's row belongs
+//! to the new generation the restart starts.
+
+use std::sync::Arc;
 
 use feed_rs::parser;
+use futures::future::BoxFuture;
 use url::Url;
 
 use crate::ids;
@@ -23,6 +35,48 @@ const MEDIA_EXTENSIONS: &[&str] = &[
     "avi", "flv", "3gp", "ts",
 ];
 
+/// A restart command, as discovery hands it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartRequest {
+    /// The command's idempotency key: a repeat must not restart twice.
+    pub command_id: String,
+    /// The known video to run again.
+    pub video_id: String,
+    /// The stage it runs again from (download, extract-audio, transcribe or
+    /// summarize).
+    pub stage: String,
+    /// The command's trace, which the restart follows.
+    pub trace_id: String,
+}
+
+/// What a restart command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restarted {
+    /// The video runs again from the stage as `generation`.
+    Started {
+        /// The video's generation before.
+        from_generation: i64,
+        /// Its new generation.
+        generation: i64,
+    },
+    /// The same command was carried out before: nothing changed.
+    Repeat {
+        /// The generation that command started.
+        generation: i64,
+    },
+}
+
+/// Runs a known video again from a later stage, once per command id.
+/// Unknown videos and videos without an input record for the stage are
+/// permanent errors; an unreachable service is retryable.
+pub trait Restarter: Send + Sync + 'static {
+    /// Carries out one restart command.
+    fn restart<'a>(
+        &'a self,
+        request: &'a RestartRequest,
+    ) -> BoxFuture<'a, Result<Restarted, StageError>>;
+}
+
 /// The discover stage.
 pub struct Discover<C> {
     /// Fetches feeds (the same guard as downloads).
@@ -33,6 +87,16 @@ pub struct Discover<C> {
     pub catalog: C,
     /// Entries taken from a source seen for the first time.
     pub max_backfill: usize,
+    /// Carries out restart commands.
+    pub restarter: Arc<dyn Restarter>,
+}
+
+/// The stage a restart command starts at, if it is one.
+fn restart_stage(cmd: &Command) -> Option<&str> {
+    cmd.start_stage
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "discover")
 }
 
 /// One video found in a source.
@@ -141,7 +205,9 @@ impl<C: Catalog> Stage for Discover<C> {
 
     fn is_video(&self, input: &Command) -> bool {
         // A source is not a video; the videos it yields get their own rows.
-        !input.meta.video_id.starts_with("src:")
+        // A restart's video row is the restart's (its new generation), not
+        // this command's.
+        !input.meta.video_id.starts_with("src:") && restart_stage(input).is_none()
     }
 
     async fn process(
@@ -149,13 +215,33 @@ impl<C: Catalog> Stage for Discover<C> {
         cmd: Command,
         _ctx: &Context,
     ) -> Result<Vec<VideoDiscovered>, StageError> {
-        if let Some(stage) = cmd.start_stage.as_deref().filter(|s| *s != "discover") {
-            return Err(StageError::permanent(
-                "unsupported_command",
-                format!(
-                    "a command to restart at {stage} is handled by `vidpipe replay`, not by discovery"
+        if let Some(stage) = restart_stage(&cmd) {
+            let request = RestartRequest {
+                command_id: cmd.command_id.clone(),
+                video_id: cmd.meta.video_id.clone(),
+                stage: stage.to_string(),
+                trace_id: cmd.meta.trace_id.clone(),
+            };
+            match self.restarter.restart(&request).await? {
+                Restarted::Started {
+                    from_generation,
+                    generation,
+                } => tracing::info!(
+                    video_id = request.video_id,
+                    stage,
+                    from_generation,
+                    generation,
+                    "restarted at {stage}"
                 ),
-            ));
+                Restarted::Repeat { generation } => tracing::info!(
+                    video_id = request.video_id,
+                    command_id = request.command_id,
+                    generation,
+                    "restart command seen before: nothing to do"
+                ),
+            }
+            // The restart's record went to the stage's own input topic.
+            return Ok(Vec::new());
         }
         let raw = cmd
             .url
@@ -217,5 +303,33 @@ impl<C: Catalog> Stage for Discover<C> {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_later_start_stage_makes_a_restart() {
+        let mut cmd = Command {
+            meta: Meta::new("yt:abc"),
+            command_id: "c-1".into(),
+            url: None,
+            start_stage: None,
+            requested_by: None,
+            options: Default::default(),
+            submitted_at: 0,
+        };
+        assert_eq!(restart_stage(&cmd), None);
+        for (given, want) in [
+            ("discover", None),
+            ("  ", None),
+            ("transcribe", Some("transcribe")),
+            (" download ", Some("download")),
+        ] {
+            cmd.start_stage = Some(given.into());
+            assert_eq!(restart_stage(&cmd), want, "{given:?}");
+        }
     }
 }

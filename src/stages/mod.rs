@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::media::ffmpeg::Limits;
 use crate::media::http::{AddressPolicy, FetchLimits, Fetcher, Sites};
 use crate::media::ytdlp::Ytdlp;
+use crate::replay::Restarts;
 use crate::store::blobs::BlobStore;
 use crate::store::catalog::PgCatalog;
 use crate::template::codec::Codec;
@@ -76,6 +77,8 @@ pub struct Services {
     pub ytdlp: Ytdlp,
     /// Encoding, shared by every stage.
     pub codec: Arc<Codec>,
+    /// Restart commands' replays, for discovery.
+    pub restarter: Arc<dyn discover::Restarter>,
 }
 
 impl Services {
@@ -98,8 +101,11 @@ impl Services {
             },
         )
         .map_err(|e| cfg(&e))?;
+        let codec = Codec::new(config.schema_registry_url.as_deref()).map_err(|e| cfg(&e))?;
+        let restarter =
+            Arc::new(Restarts::new(&config, pool.clone(), codec.clone()).map_err(|e| cfg(&e))?);
         Ok(Self {
-            blobs: BlobStore::open(&config.storage).map_err(|e| cfg(&e))?,
+            blobs: BlobStore::connect(&config).await.map_err(|e| cfg(&e))?,
             catalog: PgCatalog::new(pool.clone()),
             status: config.runner.status.then(|| StatusStore::new(pool)),
             fetcher,
@@ -109,7 +115,8 @@ impl Services {
                 m.max_download_bytes,
                 Duration::from_secs(m.download_timeout_secs),
             ),
-            codec: Codec::new(config.schema_registry_url.as_deref()).map_err(|e| cfg(&e))?,
+            codec,
+            restarter,
             config,
         })
     }
@@ -259,6 +266,7 @@ pub async fn run(
                     ytdlp: s.ytdlp.clone(),
                     catalog: s.catalog.clone(),
                     max_backfill: c.media.max_backfill,
+                    restarter: s.restarter.clone(),
                 };
                 start(&mut set, stage, s, instance, &shutdown)
             }
