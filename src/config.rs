@@ -23,7 +23,18 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `VIDPIPE_` prefix that are not settings.
-const NON_SETTING_VARS: &[&str] = &["CONFIG", "STACK_DIR", "LOG", "LOG_FORMAT", "TEST_KEEP"];
+/// (`TEST_S3_*`: the stack's S3-compatible server, for tests only.)
+const NON_SETTING_VARS: &[&str] = &[
+    "CONFIG",
+    "STACK_DIR",
+    "LOG",
+    "LOG_FORMAT",
+    "TEST_KEEP",
+    "TEST_S3_ENDPOINT",
+    "TEST_S3_BUCKET",
+    "TEST_S3_ACCESS_KEY_ID",
+    "TEST_S3_SECRET_ACCESS_KEY",
+];
 
 /// A configuration problem, naming the setting and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +184,59 @@ impl Default for MediaConfig {
     }
 }
 
+/// S3-compatible blob storage, used when `storage` is an `s3://bucket/prefix`
+/// URL (AWS S3 or any server speaking its API: MinIO, Ceph, R2, ...).
+///
+/// Credentials: `access_key_id` and `secret_access_key` (with an optional
+/// `session_token`) when set; otherwise `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` from the environment;
+/// otherwise the platform's (web identity, container or instance
+/// credentials), as AWS SDKs do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Base URL of an S3-compatible server (path-style requests); empty
+    /// means AWS S3 in `region`.
+    pub endpoint: String,
+    /// Region used for signing (and for AWS' endpoint).
+    pub region: String,
+    /// Allow an `http://` endpoint (a local test server); off by default so
+    /// that credentials and media never cross a network in clear text.
+    pub allow_http: bool,
+    /// Access key id.
+    #[serde(serialize_with = "expose_opt")]
+    pub access_key_id: Option<SecretString>,
+    /// Secret access key.
+    #[serde(serialize_with = "expose_opt")]
+    pub secret_access_key: Option<SecretString>,
+    /// Session token of temporary credentials.
+    #[serde(serialize_with = "expose_opt")]
+    pub session_token: Option<SecretString>,
+    /// Part size of multipart uploads, in bytes (S3 allows 5 MiB to 5 GiB).
+    /// Files up to this size are sent in one request; an upload holds at
+    /// most three parts in memory.
+    pub part_size: u64,
+    /// Local working directory of an instance whose blobs live in S3:
+    /// downloads, tool inputs (ffmpeg, ASR chunks) and outputs stay here
+    /// only until uploaded or used. Empty means the system's temp directory.
+    pub scratch_dir: String,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            allow_http: false,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            part_size: 8 << 20,
+            scratch_dir: String::new(),
+        }
+    }
+}
+
 /// The whole configuration. Field names are the TOML keys and, upper-cased
 /// with the `VIDPIPE_` prefix, the environment variables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,8 +268,10 @@ pub struct Config {
     /// API key for the chat-completions endpoint.
     #[serde(serialize_with = "expose_opt")]
     pub llm_api_key: Option<SecretString>,
-    /// Blob store: a directory, or an `s3://` URL.
+    /// Blob store: a directory, or an `s3://bucket/prefix` URL (see `s3`).
     pub storage: String,
+    /// The S3-compatible store's endpoint, region and credentials.
+    pub s3: S3Config,
     /// Prefix of every topic name.
     pub topic_prefix: String,
     /// Partitions of topics that `vidpipe run` creates.
@@ -253,6 +319,7 @@ impl Default for Config {
             llm_model: None,
             llm_api_key: None,
             storage: ".stack/blobs".into(),
+            s3: S3Config::default(),
             topic_prefix: "vidpipe.".into(),
             topic_partitions: 6,
             topic_replication: 1,
@@ -349,6 +416,7 @@ impl Config {
         if let Some(url) = &self.llm_url {
             check_url("llm_url", url, &["http", "https"])?;
         }
+        self.validate_storage()?;
         if self.topic_partitions < 1 {
             return Err(invalid("topic_partitions", "must be at least 1"));
         }
@@ -414,6 +482,64 @@ impl Config {
             return Err(invalid(
                 "runner.backoff_initial_ms",
                 "must not exceed runner.backoff_max_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `storage` and, for an `s3://` store, the `s3` table.
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        if self.storage.trim().is_empty() {
+            return Err(invalid(
+                "storage",
+                "must be a directory or an s3://bucket/prefix URL",
+            ));
+        }
+        if !crate::store::blobs::is_s3(&self.storage) {
+            if self.storage.contains("://") {
+                return Err(invalid(
+                    "storage",
+                    "the only URL scheme supported is s3:// (s3://bucket/prefix); \
+                     anything else is a directory path",
+                ));
+            }
+            return Ok(());
+        }
+        crate::store::blobs::parse_s3_storage(&self.storage)
+            .map_err(|reason| invalid("storage", &reason))?;
+        let s3 = &self.s3;
+        if !s3.endpoint.is_empty() {
+            check_url("s3.endpoint", &s3.endpoint, &["http", "https"])?;
+            if s3.endpoint.starts_with("http:") && !s3.allow_http {
+                return Err(invalid(
+                    "s3.endpoint",
+                    "is plain http://; set s3.allow_http = true to allow it (local test servers only)",
+                ));
+            }
+        }
+        if s3.region.trim().is_empty() {
+            return Err(invalid("s3.region", "must not be empty (e.g. us-east-1)"));
+        }
+        if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+            return Err(invalid(
+                "s3.secret_access_key",
+                "s3.access_key_id and s3.secret_access_key go together: set both or neither",
+            ));
+        }
+        if s3.session_token.is_some() && s3.access_key_id.is_none() {
+            return Err(invalid(
+                "s3.session_token",
+                "needs s3.access_key_id and s3.secret_access_key",
+            ));
+        }
+        if !((5 << 20)..=(5 << 30)).contains(&s3.part_size) {
+            return Err(invalid(
+                "s3.part_size",
+                "must be between 5 MiB (5242880) and 5 GiB, S3's limits for a part",
             ));
         }
         Ok(())
@@ -525,6 +651,58 @@ mod tests {
         let config = Config::from_figment(figment).unwrap();
         assert_eq!(config.guarantee, Guarantee::AtLeastOnce);
         assert_eq!(config.runner.in_flight, 4);
+    }
+
+    #[test]
+    fn s3_storage_settings_parse_and_are_checked_by_name() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let config = load(
+            "storage = \"s3://media-bucket/vidpipe/prod\"
+[s3]
+endpoint = \"http://127.0.0.1:9000\"
+allow_http = true
+access_key_id = \"AKIDCANARY\"
+secret_access_key = \"s3-secret-canary\"
+",
+        )
+        .unwrap();
+        assert_eq!(config.s3.part_size, 8 << 20);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3-secret-canary"), "{shown}");
+        assert!(!shown.contains("AKIDCANARY"), "{shown}");
+        for (toml, key) in [
+            ("storage = \"gs://bucket/x\"", "`storage`"),
+            ("storage = \"s3://\"", "`storage`"),
+            ("storage = \"s3://Bad_Bucket/x\"", "`storage`"),
+            ("storage = \"s3://bucket/a/../b\"", "`storage`"),
+            (
+                "storage = \"s3://bucket\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"",
+                "`s3.endpoint`",
+            ),
+            (
+                "storage = \"s3://bucket\"\n[s3]\nendpoint = \"ftp://x\"",
+                "`s3.endpoint`",
+            ),
+            (
+                "storage = \"s3://bucket\"\n[s3]\nsecret_access_key = \"s3-secret-canary\"",
+                "`s3.secret_access_key`",
+            ),
+            (
+                "storage = \"s3://bucket\"\n[s3]\npart_size = 1024",
+                "`s3.part_size`",
+            ),
+            ("[s3]\nendpoint_url = \"http://x\"", "endpoint_url"),
+        ] {
+            let err = load(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+            assert!(!err.contains("s3-secret-canary"), "{err}");
+        }
+        // A directory stays a directory, whatever the `s3` table says.
+        assert!(load("storage = \"/srv/blobs\"\n[s3]\npart_size = 1024").is_ok());
     }
 
     #[test]

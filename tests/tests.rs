@@ -7,9 +7,13 @@
 //! topics, consumer groups and databases with random names, so tests run in
 //! parallel and leave each other alone.
 
+mod api;
 mod asr;
+mod blobs;
 mod bridge;
+mod browser;
 mod catalog;
+mod cli;
 mod compose;
 mod crash;
 mod fetch;

@@ -27,9 +27,11 @@ impl Stage for ExtractAudio {
         v: VideoDownloaded,
         ctx: &Context,
     ) -> Result<Vec<AudioExtracted>, StageError> {
-        let media = self.blobs.path(&v.media.uri)?;
+        // A local copy for ffmpeg (the file itself in a local store).
+        let media = self.blobs.local(&v.media.uri).await?;
         let scratch = self.blobs.scratch()?;
-        let x = ffmpeg::extract(&media, scratch.path(), &self.limits, &ctx.cancel).await?;
+        let x = ffmpeg::extract(media.path(), scratch.path(), &self.limits, &ctx.cancel).await?;
+        drop(media);
         let (id, generation) = (&v.meta.video_id, v.meta.generation);
         let mut chunks = Vec::with_capacity(x.chunks.len());
         let single = x.chunks.len() == 1 && x.chunks[0].path == x.audio;

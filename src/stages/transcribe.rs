@@ -27,17 +27,17 @@ impl Stage for Transcribe {
         a: AudioExtracted,
         ctx: &Context,
     ) -> Result<Vec<VideoTranscribed>, StageError> {
-        let paths = a
-            .chunks
-            .iter()
-            .map(|c| self.blobs.path(&c.blob.uri))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Local files for the uploads (copies in scratch from S3).
+        let files = self
+            .blobs
+            .local_all(a.chunks.iter().map(|c| c.blob.uri.clone()).collect())
+            .await?;
         let inputs: Vec<AudioInput<'_>> = a
             .chunks
             .iter()
-            .zip(&paths)
-            .map(|(c, path)| AudioInput {
-                path,
+            .zip(&files)
+            .map(|(c, file)| AudioInput {
+                path: file.path(),
                 offset_ms: c.offset_ms,
                 duration_ms: c.duration_ms,
             })
