@@ -1,7 +1,12 @@
 //! The library side of the commands that talk to a running pipeline:
-//! submitting URLs (a command record on `vidpipe.commands`), and reading
-//! where videos are from the status tables. The CLI and the HTTP API are
-//! thin layers over this.
+//! submitting URLs (a command record on `vidpipe.commands`), reading where
+//! videos are from the status tables, and reading their results (a
+//! transcript or summary file, by format and generation). The CLI and the
+//! HTTP API are thin layers over this.
+//!
+//! Ids given to these functions come from people and are not trusted: one
+//! that PostgreSQL cannot even hold (a NUL character) names no video, as
+//! any other unknown id, rather than failing the query.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,7 +19,15 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::ids;
 use crate::records::{Command, Meta, Record, now_ms};
+use crate::store::blobs::{BlobError, BlobStore};
 use crate::template::codec::Codec;
+
+/// Whether `id` could name a row at all: PostgreSQL text holds no NUL, and
+/// a query that binds one fails (SQLSTATE 22021) instead of finding
+/// nothing. Such an id is simply unknown.
+pub fn storable(id: &str) -> bool {
+    !id.contains('\0')
+}
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -288,7 +301,17 @@ pub async fn status(
     ids: &[String],
     limit: i64,
 ) -> Result<Vec<VideoStatus>, sqlx::Error> {
-    let rows: Vec<VideoRow> = if ids.is_empty() {
+    let wanted: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| storable(id))
+        .collect();
+    if wanted.is_empty() && !ids.is_empty() {
+        // Only ids that cannot exist: none of them is known (and an empty
+        // list must not turn into "every video").
+        return Ok(Vec::new());
+    }
+    let rows: Vec<VideoRow> = if wanted.is_empty() {
         sqlx::query_as(
             "SELECT id, url, status, stage, generation, error FROM videos
              ORDER BY updated_at DESC LIMIT $1",
@@ -300,7 +323,7 @@ pub async fn status(
         sqlx::query_as(
             "SELECT id, url, status, stage, generation, error FROM videos WHERE id = ANY($1)",
         )
-        .bind(ids)
+        .bind(&wanted)
         .fetch_all(pool)
         .await?
     };
@@ -372,13 +395,17 @@ pub async fn source_run(
 }
 
 /// The record a stage run produced (from its status row), for finding its
-/// blobs: e.g. the transcribe run's `VideoTranscribed`.
+/// blobs: e.g. the transcribe run's `VideoTranscribed`. None when the
+/// video has no finished run of `stage` (of `generation`), or is unknown.
 pub async fn stage_output(
     pool: &PgPool,
     video_id: &str,
     stage: &str,
     generation: Option<i64>,
 ) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    if !storable(video_id) || !storable(stage) {
+        return Ok(None);
+    }
     let output: Option<serde_json::Value> = sqlx::query_scalar(
         "SELECT output FROM stage_runs WHERE video_id = $1 AND stage = $2 AND status = 'done'
            AND ($3::bigint IS NULL OR generation = $3)
@@ -391,4 +418,240 @@ pub async fn stage_output(
     .await?
     .flatten();
     Ok(output.and_then(|o| o["records"].get(0).cloned()))
+}
+
+/// Which result of a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultKind {
+    /// The transcribe stage's `transcript.{txt,srt,vtt,json}`.
+    Transcript,
+    /// The summarize stage's `summary.{md,json}`.
+    Summary,
+}
+
+impl ResultKind {
+    /// The stage that writes it.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Self::Transcript => "transcribe",
+            Self::Summary => "summarize",
+        }
+    }
+
+    /// The files' base name, and the field of the stage's output record
+    /// that names one of them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Transcript => "transcript",
+            Self::Summary => "summary",
+        }
+    }
+
+    /// The formats it comes in (file extensions), the default first.
+    pub fn formats(self) -> &'static [&'static str] {
+        match self {
+            Self::Transcript => &["txt", "srt", "vtt", "json"],
+            Self::Summary => &["md", "json"],
+        }
+    }
+
+    /// Refuses a format it does not come in, or a generation below 1:
+    /// what [`read_result`] checks before asking any service, for callers
+    /// that want to say so before connecting.
+    pub fn check(self, format: &str, generation: Option<i64>) -> Result<(), ResultError> {
+        if !self.formats().contains(&format) {
+            return Err(ResultError::BadFormat {
+                kind: self,
+                format: format.to_string(),
+            });
+        }
+        match generation {
+            Some(g) if g < 1 => Err(ResultError::BadGeneration(g)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A result file's content and the generation it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultFile {
+    /// The file's bytes (at most [`crate::store::blobs::READ_LIMIT`]).
+    pub bytes: Vec<u8>,
+    /// The generation of the run that wrote it.
+    pub generation: i64,
+}
+
+/// Why a result file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    /// A format the result does not come in.
+    #[error("format {format:?} is not one of {}", kind.formats().join(", "))]
+    BadFormat {
+        /// The result asked for.
+        kind: ResultKind,
+        /// The format asked for.
+        format: String,
+    },
+    /// Generations start at 1.
+    #[error("generation: give 1 or more, not {0}")]
+    BadGeneration(i64),
+    /// No such video.
+    #[error("unknown video id {0:?}")]
+    UnknownVideo(String),
+    /// The video has no finished run of the stage (of that generation).
+    #[error(
+        "{video_id} has no finished {stage} run {}",
+        match generation { Some(g) => format!("in generation {g}"), None => "yet".to_string() }
+    )]
+    NotFinished {
+        /// The video.
+        video_id: String,
+        /// The stage that writes the result.
+        stage: &'static str,
+        /// The generation asked for.
+        generation: Option<i64>,
+    },
+    /// The finished run's output record names no file: a fault of the
+    /// stage that wrote it.
+    #[error("the {stage} run of {video_id} names no {name} file")]
+    NoFile {
+        /// The video.
+        video_id: String,
+        /// The stage.
+        stage: &'static str,
+        /// `transcript` or `summary`.
+        name: &'static str,
+    },
+    /// The blob store failed (`BlobError::Store`: it did not answer), or
+    /// the file is missing or not this store's.
+    #[error("cannot read {file} of {video_id}: {source}")]
+    Blob {
+        /// The video.
+        video_id: String,
+        /// `transcript.srt`, `summary.md`, …
+        file: String,
+        /// Why (boxed: an object store error is large, and this one is
+        /// rare).
+        source: Box<BlobError>,
+    },
+    /// PostgreSQL refused or is unreachable.
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// `<kind>.<format>` of a video's latest finished run of the result's stage
+/// (or of `generation`): the run's output record names one of the files,
+/// and the other formats lie next to it.
+pub async fn read_result(
+    pool: &PgPool,
+    blobs: &BlobStore,
+    video_id: &str,
+    kind: ResultKind,
+    format: &str,
+    generation: Option<i64>,
+) -> Result<ResultFile, ResultError> {
+    kind.check(format, generation)?;
+    let stage = kind.stage();
+    let Some(record) = stage_output(pool, video_id, stage, generation).await? else {
+        return Err(if video_exists(pool, video_id).await? {
+            ResultError::NotFinished {
+                video_id: video_id.to_string(),
+                stage,
+                generation,
+            }
+        } else {
+            ResultError::UnknownVideo(video_id.to_string())
+        });
+    };
+    let Some(uri) = record[kind.name()]["uri"].as_str() else {
+        return Err(ResultError::NoFile {
+            video_id: video_id.to_string(),
+            stage,
+            name: kind.name(),
+        });
+    };
+    let file = format!("{}.{format}", kind.name());
+    let bytes = match blobs.sibling_uri(uri, &file) {
+        // Bounded: the store reads at most `blobs::READ_LIMIT` bytes.
+        Ok(sibling) => blobs.read(&sibling).await,
+        Err(e) => Err(e),
+    }
+    .map_err(|source| ResultError::Blob {
+        video_id: video_id.to_string(),
+        file,
+        source: Box::new(source),
+    })?;
+    Ok(ResultFile {
+        bytes,
+        generation: record["meta"]["generation"]
+            .as_i64()
+            .or(generation)
+            .unwrap_or(1),
+    })
+}
+
+/// Whether a video has a row (an id that cannot be stored has none).
+pub async fn video_exists(pool: &PgPool, id: &str) -> Result<bool, sqlx::Error> {
+    if !storable(id) {
+        return Ok(false);
+    }
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM videos WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(found.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_a_nul_are_not_storable() {
+        assert!(storable("url:0123abcd"));
+        assert!(storable(""));
+        assert!(!storable("url:\0x"));
+    }
+
+    #[test]
+    fn result_errors_name_the_problem() {
+        let bad = ResultError::BadFormat {
+            kind: ResultKind::Summary,
+            format: "srt".into(),
+        };
+        assert_eq!(bad.to_string(), "format \"srt\" is not one of md, json");
+        let pending = ResultError::NotFinished {
+            video_id: "url:a".into(),
+            stage: ResultKind::Transcript.stage(),
+            generation: None,
+        };
+        assert_eq!(
+            pending.to_string(),
+            "url:a has no finished transcribe run yet"
+        );
+        let old = ResultError::NotFinished {
+            video_id: "url:a".into(),
+            stage: "summarize",
+            generation: Some(2),
+        };
+        assert_eq!(
+            old.to_string(),
+            "url:a has no finished summarize run in generation 2"
+        );
+        for kind in [ResultKind::Transcript, ResultKind::Summary] {
+            assert!(kind.check("json", Some(1)).is_ok(), "{kind:?}");
+            assert!(kind.check("json", None).is_ok(), "{kind:?}");
+            assert!(matches!(
+                kind.check("json", Some(0)),
+                Err(ResultError::BadGeneration(0))
+            ));
+            // A format is part of a file name: nothing else gets through.
+            assert!(matches!(
+                kind.check("../media.mp4", None),
+                Err(ResultError::BadFormat { .. })
+            ));
+        }
+        assert!(ResultKind::Transcript.check("srt", None).is_ok());
+        assert!(ResultKind::Summary.check("srt", None).is_err());
+    }
 }

@@ -15,7 +15,24 @@ use vidpipe::store::db;
 #[command(
     name = "vidpipe",
     version,
-    about = "Turn videos into transcripts and summaries, on Kafka"
+    about = "Turn videos into transcripts and summaries, on Kafka",
+    after_help = concat!(
+        "Examples:\n",
+        "  vidpipe run                                         # every stage, until ctrl-c\n",
+        "  vidpipe submit https://example.com/talk.mp4 --wait  # in another terminal\n",
+        "  vidpipe status\n",
+        "  vidpipe show url:0123abcd --summary\n",
+        "\n",
+        "Exit codes:\n",
+        "  0  success\n",
+        "  1  a video failed (its stage and reason are printed), or what was asked for is not there\n",
+        "  2  usage or configuration error: a bad argument, URL or setting\n",
+        "  3  a service cannot be reached; the message names it (Kafka, the schema registry,\n",
+        "     PostgreSQL, RabbitMQ)\n",
+        "\n",
+        "Configuration: vidpipe.toml (or the file in VIDPIPE_CONFIG) and VIDPIPE_* environment\n",
+        "variables, which win; `vidpipe config` prints it. `vidpipe help COMMAND` for more.",
+    )
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,8 +45,12 @@ enum Command {
     ///
     /// Creates missing topics first. Each stage drains its in-flight work
     /// (up to runner.shutdown_grace_ms), commits and leaves its group.
-    ///
-    /// Example: vidpipe run transcribe --instance gpu-1
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe run                              # all five stages in this process\n",
+        "  vidpipe run transcribe --instance gpu-1  # one stage; a stable id per process\n",
+        "  VIDPIPE_RUNNER__IN_FLIGHT=64 vidpipe run download extract-audio",
+    ))]
     Run {
         /// Stages to run: discover, download, extract-audio, transcribe,
         /// summarize.
@@ -44,10 +65,18 @@ enum Command {
     ///
     /// A video already known is not processed again (`vidpipe replay`
     /// reprocesses). Feeds, channels and playlists are sources: their new
-    /// videos are enqueued. Exit codes: 0 done (or enqueued without --wait),
-    /// 1 a video failed, 2 a bad URL, 3 a service is unreachable.
-    ///
-    /// Example: vidpipe submit https://example.com/talk.mp4 --wait
+    /// videos are enqueued. With --wait, a terminal shows a live line per
+    /// video (`url:0123abcd  [4/5] transcribe running 12s`); otherwise a line
+    /// is printed per stage change: ID, status, stage and, when failed, the
+    /// reason, separated by tabs. Exit codes: 0 done (or enqueued without
+    /// --wait), 1 a video failed (its stage and reason are printed) or
+    /// --timeout passed, 2 a bad URL, 3 a service is unreachable (named).
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe submit https://example.com/talk.mp4 --wait  # live progress; 0 when done\n",
+        "  vidpipe submit https://youtu.be/dQw4w9WgXcQ https://example.com/b.mp4\n",
+        "  vidpipe submit https://example.com/podcast.xml --feed --wait --timeout 600",
+    ))]
     Submit {
         /// Video, feed, channel or playlist URLs.
         #[arg(required = true)]
@@ -67,7 +96,18 @@ enum Command {
     },
     /// Status per video and stage, newest first.
     ///
-    /// Example: vidpipe status --json url:0123abcd
+    /// The table has a row per video: its status (queued, running, done,
+    /// failed), the stage it is at or failed in, its generation, the
+    /// processing time so far, and its URL or the reason it failed. --json
+    /// prints an array of {id, url, status, stage, generation, error,
+    /// stages: [{name, status, attempts, duration_ms, error, generation}]}.
+    /// Exit codes: 0, 1 an id is unknown, 3 PostgreSQL is unreachable.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe status  # the 50 most recent videos\n",
+        "  vidpipe status url:0123abcd yt:dQw4w9WgXcQ\n",
+        "  vidpipe status --json --limit 10",
+    ))]
     Status {
         /// Video ids (default: the most recent videos).
         ids: Vec<String>,
@@ -75,12 +115,20 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// How many videos without ids.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
         limit: i64,
     },
     /// Print a video's transcript or summary.
     ///
-    /// Example: vidpipe show yt:dQw4w9WgXcQ --transcript --format srt
+    /// Exit codes: 0, 1 the video has no finished transcribe or summarize
+    /// run (yet), 2 a format that result does not come in, 3 PostgreSQL or
+    /// the blob store is unreachable.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe show yt:dQw4w9WgXcQ --transcript --format srt\n",
+        "  vidpipe show yt:dQw4w9WgXcQ --summary  # markdown\n",
+        "  vidpipe show url:0123abcd --transcript --format json --generation 1",
+    ))]
     Show {
         /// Video id.
         id: String,
@@ -90,8 +138,9 @@ enum Command {
         /// The summary (formats md, json).
         #[arg(long)]
         summary: bool,
-        /// Output format; default txt for transcripts, md for summaries.
-        #[arg(long)]
+        /// Output format: txt, srt, vtt or json for transcripts (default
+        /// txt); md or json for summaries (default md).
+        #[arg(long, value_parser = ["txt", "srt", "vtt", "json", "md"])]
         format: Option<String>,
         /// A generation other than the latest.
         #[arg(long)]
@@ -108,8 +157,11 @@ enum Command {
     /// previous stage's status row kept. Exit codes: 0 replayed (or nothing
     /// matched the range), 1 an unknown video or one with no input record,
     /// 2 usage, 3 a service is unreachable.
-    ///
-    /// Example: vidpipe replay --stage transcribe --video url:0123abcd --dry-run
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe replay --stage transcribe --since 7d  # e.g. after a better ASR model\n",
+        "  vidpipe replay --stage transcribe --video url:0123abcd --dry-run",
+    ))]
     Replay {
         /// The stage to re-feed: download, extract-audio, transcribe or
         /// summarize (discover: --dry-run only, for now).
@@ -140,8 +192,11 @@ enum Command {
     /// STAGE` process joins the stage's group and gets a share of the
     /// partitions; `topics scale` adds partitions. Exit codes: 0, 2 usage,
     /// 3 Kafka is unreachable.
-    ///
-    /// Example: vidpipe topics --json
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe topics\n",
+        "  vidpipe topics --json",
+    ))]
     Topics {
         #[command(subcommand)]
         action: Option<TopicsAction>,
@@ -150,11 +205,32 @@ enum Command {
         json: bool,
     },
     /// Subscriptions (feeds, channels, playlists) that discovery polls.
-    ///
-    /// Example: vidpipe sources add https://example.com/podcast.xml --every 1h
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe sources add https://example.com/podcast.xml --every 1h\n",
+        "  vidpipe sources list",
+    ))]
     Sources {
         #[command(subcommand)]
         action: SourcesAction,
+    },
+    /// Serve the HTTP API and the status pages until SIGTERM or ctrl-c.
+    ///
+    /// JSON under /api/v1 (described by /openapi.json), Prometheus metrics
+    /// at /metrics, /healthz and /readyz (Kafka, PostgreSQL and the schema
+    /// registry answer), and status pages for people at /. Starts even when
+    /// a service is down: /readyz names it. Prints the address it listens
+    /// on. Exit codes: 0 stopped, 2 usage, 3 the address cannot be had.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe serve                          # http://127.0.0.1:8686/\n",
+        "  vidpipe serve --listen 0.0.0.0:8686    # for other hosts\n",
+        "  curl -s localhost:8686/api/v1/videos   # the latest videos, as JSON",
+    ))]
+    Serve {
+        /// Address and port to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8686")]
+        listen: String,
     },
     /// The RabbitMQ adapter: legacy command queues in, lifecycle events out.
     ///
@@ -164,16 +240,25 @@ enum Command {
     /// dead-letter exchange with the reason. Optionally mirrors
     /// vidpipe.events to the RabbitMQ topic exchange `vidpipe.events`. Run
     /// as many instances as you like.
-    ///
-    /// Example: VIDPIPE_AMQP_URL=amqp://u:p@rabbit:5672/%2f vidpipe bridge
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe bridge\n",
+        "  VIDPIPE_AMQP_URL=amqp://u:p@rabbit:5672/%2f vidpipe bridge",
+    ))]
     Bridge,
     /// Apply the database migrations.
-    ///
-    /// Example: VIDPIPE_DATABASE_URL=postgres://u:p@db/vidpipe vidpipe migrate
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe migrate\n",
+        "  VIDPIPE_DATABASE_URL=postgres://u:p@db/vidpipe vidpipe migrate",
+    ))]
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
-    ///
-    /// Example: VIDPIPE_TOPIC_PREFIX=test. vidpipe config
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe config\n",
+        "  VIDPIPE_TOPIC_PREFIX=test. vidpipe config",
+    ))]
     Config,
 }
 
@@ -186,8 +271,10 @@ enum TopicsAction {
     /// New partitions change which partition a video id maps to, so scale
     /// between bursts. Running processes notice within librdkafka's
     /// metadata refresh (5 minutes by default); restarting them is faster.
-    ///
-    /// Example: vidpipe topics scale transcribe --partitions 12
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe topics scale transcribe --partitions 12",
+    ))]
     Scale {
         /// The stage: discover, download, extract-audio, transcribe,
         /// summarize.
@@ -201,8 +288,10 @@ enum TopicsAction {
 #[derive(Subcommand)]
 enum SourcesAction {
     /// Subscribe to a source; its first poll is due at once.
-    ///
-    /// Example: vidpipe sources add https://example.com/feed.xml --every 30m --backfill 5
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe sources add https://example.com/feed.xml --every 30m --backfill 5",
+    ))]
     Add {
         /// Feed, channel or playlist URL.
         url: String,
@@ -214,12 +303,17 @@ enum SourcesAction {
         backfill: i32,
     },
     /// List subscriptions.
-    ///
-    /// Example: vidpipe sources list
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe sources list",
+    ))]
     List,
     /// Unsubscribe, by id or URL.
-    ///
-    /// Example: vidpipe sources remove https://example.com/feed.xml
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  vidpipe sources remove https://example.com/feed.xml\n",
+        "  vidpipe sources remove src:0123abcd",
+    ))]
     Remove {
         /// Source id (`src:…`) or URL.
         source: String,
@@ -259,6 +353,21 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run { stages, instance } => run(config, stages, instance).await,
+            Command::Serve { listen } => {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                match vidpipe::api::serve(config, &listen, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(e.exit_code())
+                    }
+                }
+            }
             Command::Bridge => {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 let signal = shutdown.clone();
@@ -423,5 +532,98 @@ fn init_tracing() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The help text: every command has examples, and every example is a
+    //! command line that parses.
+
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command below `cmd` (clap's own `help` left out), with its
+    /// path of names.
+    fn commands(
+        cmd: &clap::Command,
+        path: Vec<String>,
+        out: &mut Vec<(Vec<String>, clap::Command)>,
+    ) {
+        for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            commands(sub, p.clone(), out);
+            out.push((p, sub.clone()));
+        }
+    }
+
+    /// The example command lines of a help text: lines that run `vidpipe`,
+    /// maybe after `Example:` and environment assignments, without the
+    /// trailing `# comment`.
+    fn examples(help: &str) -> Vec<Vec<String>> {
+        help.lines()
+            .map(|l| l.trim().trim_start_matches("Example:").trim())
+            .map(|l| l.split("  #").next().unwrap_or(l))
+            .filter_map(|l| {
+                let words: Vec<String> = l
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .map(str::to_string)
+                    .collect();
+                (words.first().map(String::as_str) == Some("vidpipe") && words.len() > 1)
+                    .then_some(words)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_command_has_examples_that_parse() {
+        let mut root = Cli::command();
+        root.build();
+        let mut all = Vec::new();
+        commands(&root, Vec::new(), &mut all);
+        assert!(all.len() >= 15, "{} commands", all.len());
+        for (path, mut cmd) in all {
+            let help = cmd.render_long_help().to_string();
+            let mine: Vec<Vec<String>> = examples(&help)
+                .into_iter()
+                .filter(|words| words[1..].starts_with(&path))
+                .collect();
+            assert!(
+                !mine.is_empty(),
+                "vidpipe {} --help shows no example:\n{help}",
+                path.join(" ")
+            );
+            for words in mine {
+                if let Err(e) = Cli::try_parse_from(&words) {
+                    panic!("the example `{}` does not parse: {e}", words.join(" "));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_top_level_help_documents_the_exit_codes_and_examples() {
+        let help = Cli::command().render_long_help().to_string();
+        for code in [
+            "0  success",
+            "1  a video failed",
+            "2  usage",
+            "3  a service cannot be reached",
+        ] {
+            assert!(help.contains(code), "{code:?} missing from:\n{help}");
+        }
+        let examples = examples(&help);
+        assert!(examples.len() >= 3, "{help}");
+        for words in examples {
+            assert!(Cli::try_parse_from(&words).is_ok(), "{words:?}");
+        }
     }
 }
