@@ -322,6 +322,10 @@ fn first_pending(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("fetch.max.bytes", "1048576")
+        // What lies past a caught-up group's offset is mostly a transaction
+        // marker: the broker would hold each such fetch for the default
+        // 500 ms waiting for data, seconds over all the stages.
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(QuietEof)
         .map_err(|e| kafka(config, e))?;
     let mut tpl = TopicPartitionList::new();

@@ -3,6 +3,8 @@
 //!
 //! Module map:
 //! - [`admin`]: `vidpipe topics`: partitions, group members and lag; scaling.
+//! - [`api`]: `vidpipe serve`: the HTTP API, OpenAPI document, metrics and
+//!   status pages.
 //! - [`bridge`]: `vidpipe bridge`, the Kafka side of the RabbitMQ adapter.
 //! - [`client`]: submit and status, for the CLI and the API.
 //! - [`config`]: layered, strict settings (defaults, the local stack's env
@@ -20,6 +22,7 @@
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod admin;
+pub mod api;
 pub mod backends;
 pub mod bridge;
 pub mod client;
