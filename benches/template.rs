@@ -47,13 +47,80 @@ fn peak_rss_mib() -> f64 {
         / 1024.0
 }
 
-/// Sum of committed offsets of `group` on `topic`.
-fn committed(brokers: &str, group: &str, topic: &str) -> u64 {
-    let probe: BaseConsumer = ClientConfig::new()
+/// CPU time (user + system) of this process so far, from /proc (Linux's
+/// clock tick is 1/100 s on every platform this runs on).
+fn cpu_seconds() -> f64 {
+    process_cpu_seconds("self")
+}
+
+/// CPU time of process `pid` (or `self`), 0 when unknown.
+fn process_cpu_seconds(pid: &str) -> f64 {
+    stat_ticks(pid, 2) / 100.0
+}
+
+/// CPU time of process `pid` and of its children that ended (PostgreSQL's
+/// postmaster reaps its backends: the connections of a mode count there).
+fn process_tree_cpu_seconds(pid: &str) -> f64 {
+    stat_ticks(pid, 4) / 100.0
+}
+
+/// Sum of `fields` CPU fields of /proc/PID/stat from utime on.
+fn stat_ticks(pid: &str, fields: usize) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let mut ticks = 0.0;
+            for i in 11..11 + fields {
+                ticks += f.get(i)?.parse::<f64>().ok()?;
+            }
+            Some(ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU per thread of this process (the loop thread is `vidpipe-copy`), to
+/// see which one is busy.
+fn print_thread_cpu() {
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let tid = task.file_name().to_string_lossy().to_string();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpu = process_cpu_seconds(&format!("self/task/{tid}"));
+        if cpu >= 0.05 {
+            eprintln!("thread {tid} {}: CPU {cpu:.2} s", name.trim());
+        }
+    }
+}
+
+/// A process of this machine whose command line contains `pattern`
+/// (arguments joined by spaces): the stack's Kafka broker and PostgreSQL
+/// server, whose CPU per record is part of what each mode costs.
+fn find_process(pattern: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().to_string();
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        (pid.chars().all(|c| c.is_ascii_digit()) && cmdline.contains(pattern)).then_some(pid)
+    })
+}
+
+/// A client that reads `group`'s committed offsets without joining it.
+fn probe(brokers: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .create()
-        .expect("probe");
+        .expect("probe")
+}
+
+/// Sum of committed offsets of the probe's group on `topic`.
+fn committed(probe: &BaseConsumer, topic: &str) -> u64 {
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition(topic, p);
@@ -113,6 +180,7 @@ async fn child(mode: &str, prefix: &str, n: u64) {
     c.topic_prefix = prefix.to_string();
     let (input, output) = (c.topic("in"), c.topic("out"));
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     if mode == "raw" {
         let cc = c.clone();
         tokio::task::spawn_blocking(move || raw_loop(&cc, &input, &output, n))
@@ -158,7 +226,24 @@ async fn child(mode: &str, prefix: &str, n: u64) {
         let stop = shutdown.clone();
         let brokers = c.kafka_brokers.clone();
         let watcher = tokio::task::spawn_blocking(move || {
-            while committed(&brokers, &group, &input) < n {
+            // One client for the whole run: creating one per check would
+            // take CPU from the runner it measures.
+            let probe = probe(&brokers, &group);
+            // BENCH_PROGRESS=1 prints the committed count as it grows.
+            let progress = std::env::var_os("BENCH_PROGRESS").is_some();
+            let mut last_print = Instant::now();
+            loop {
+                let done = committed(&probe, &input);
+                if progress && last_print.elapsed() >= Duration::from_millis(250) {
+                    eprintln!("{:>6.2} s: {done} committed", start.elapsed().as_secs_f64());
+                    last_print = Instant::now();
+                }
+                if done >= n {
+                    if progress {
+                        print_thread_cpu();
+                    }
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             stop.cancel();
@@ -170,7 +255,8 @@ async fn child(mode: &str, prefix: &str, n: u64) {
         watcher.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("RESULT {mode} {secs:.3} {:.1}", peak_rss_mib());
+    let cpu = cpu_seconds() - cpu_start;
+    println!("RESULT {mode} {secs:.3} {:.1} {cpu:.2}", peak_rss_mib());
 }
 
 /// Creates a mode's topics and fills its input with `n` 1 KiB records.
@@ -254,9 +340,14 @@ async fn main() {
         .filter(|m| *m == "raw" || only.is_empty() || only.split(',').any(|o| o == *m))
         .collect();
     let mut results = Vec::new();
+    let broker = find_process("kafka.Kafka");
+    // The postmaster (`postgres -D ...`), not one of its backends.
+    let postgres = find_process("postgres -D ");
     for mode in modes.iter().copied() {
         let prefix = format!("bench_{run_id}.{mode}.");
         prepare(&c, &prefix, n).await;
+        let broker_start = broker.as_deref().map(process_cpu_seconds);
+        let postgres_start = postgres.as_deref().map(process_tree_cpu_seconds);
         let exe = std::env::current_exe().unwrap();
         let out = Command::new(exe)
             .args(["--child", mode, &prefix])
@@ -275,14 +366,43 @@ async fn main() {
         let parts: Vec<&str> = line.split_whitespace().collect();
         let secs: f64 = parts[2].parse().unwrap();
         let rss: f64 = parts[3].parse().unwrap();
-        eprintln!("{mode}: {secs:.2} s, peak RSS {rss:.0} MiB");
-        results.push((mode, n as f64 / secs, rss));
+        let cpu: f64 = parts[4].parse().unwrap();
+        let broker_cpu = broker
+            .as_deref()
+            .zip(broker_start)
+            .map(|(pid, start)| process_cpu_seconds(pid) - start);
+        // Ended backends count once reaped: give the postmaster a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        let postgres_cpu = postgres
+            .as_deref()
+            .zip(postgres_start)
+            .map(|(pid, start)| process_tree_cpu_seconds(pid) - start);
+        eprintln!(
+            "{mode}: {secs:.2} s, CPU {cpu:.2} s, broker CPU {:.2} s, peak RSS {rss:.0} MiB",
+            broker_cpu.unwrap_or(f64::NAN)
+        );
+        let per_record = |s: f64| s * 1e6 / n as f64;
+        results.push((
+            mode,
+            n as f64 / secs,
+            rss,
+            per_record(cpu),
+            broker_cpu.map(per_record),
+            postgres_cpu.map(per_record),
+        ));
     }
     let ceiling = results[0].1;
-    println!("\n{n} records of 1 KiB, {PARTITIONS} partitions, {VIDEOS} videos, in_flight 256\n");
-    println!("| mode | records/s | ratio to ceiling | peak RSS (MiB) |");
-    println!("| --- | ---: | ---: | ---: |");
-    for (mode, rate, rss) in &results {
+    let setting = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    println!(
+        "\n{n} records of 1 KiB, {PARTITIONS} partitions, {VIDEOS} videos, in_flight {}, commit every {} ms\n",
+        setting("BENCH_IN_FLIGHT", "256"),
+        setting("BENCH_COMMIT_MS", "100"),
+    );
+    println!(
+        "| mode | records/s | ratio to ceiling | peak RSS (MiB) | CPU µs/record: process | Kafka | PostgreSQL |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (mode, rate, rss, cpu, broker_cpu, postgres_cpu) in &results {
         let name = match *mode {
             "raw" => "raw rdkafka consume->produce (ceiling)",
             "alo" => "template, at-least-once, no status",
@@ -290,6 +410,12 @@ async fn main() {
             "eos" => "template, exactly-once, no status",
             _ => "template, exactly-once, status",
         };
-        println!("| {name} | {rate:.0} | {:.2} | {rss:.0} |", rate / ceiling);
+        let show = |c: &Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.0}"));
+        println!(
+            "| {name} | {rate:.0} | {:.2} | {rss:.0} | {cpu:.0} | {} | {} |",
+            rate / ceiling,
+            show(broker_cpu),
+            show(postgres_cpu),
+        );
     }
 }

@@ -105,6 +105,12 @@ pub struct RunnerConfig {
     pub session_timeout_ms: u64,
     /// Write per-video and per-stage status rows to PostgreSQL.
     pub status: bool,
+    /// A stage run's `running` row is written once the run has lasted this
+    /// long (0: as it starts); a run that ends sooner gets its final row
+    /// only, which spares fast stages one database write per record. Media
+    /// stages run for seconds or minutes: their rows show `running` as
+    /// before, this much later.
+    pub status_running_after_ms: u64,
     /// Exactly-once: how long the broker lets a transaction stay open
     /// before aborting it. A crashed instance's open transaction blocks
     /// read_committed readers for up to this long, so keep it short; the
@@ -125,6 +131,7 @@ impl Default for RunnerConfig {
             shutdown_grace_ms: 30_000,
             session_timeout_ms: 10_000,
             status: true,
+            status_running_after_ms: 100,
             transaction_timeout_ms: 30_000,
         }
     }

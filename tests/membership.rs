@@ -81,7 +81,10 @@ async fn a_zombie_is_fenced_in_kafka_and_in_the_database() {
     // the other instance has joined, even when a loaded machine makes the
     // join slow (at 50 ms the zombie sometimes finished first and had no
     // stale write left to be refused).
-    let env = [("COPY_DELAY_MS", "150"), ("VIDPIPE_RUNNER__IN_FLIGHT", "16")];
+    let env = [
+        ("COPY_DELAY_MS", "150"),
+        ("VIDPIPE_RUNNER__IN_FLIGHT", "16"),
+    ];
     let probe = h.probe();
     let mut zombie = tokio::task::block_in_place(|| {
         let mut z = h.spawn("zombie", &env, Some(&zombie_log));
@@ -143,6 +146,39 @@ async fn a_zombie_is_fenced_in_kafka_and_in_the_database() {
         "the zombie's database writes were not fenced; its log:\n{}",
         &log[log.len().saturating_sub(4000)..]
     );
+    h.assert_exactly_once().await;
+    h.assert_status_terminal().await;
+}
+
+/// An instance whose partitions are paused under load (its buffer full)
+/// loses its membership and gets the same partitions back: it must consume
+/// again (librdkafka keeps a partition paused across a revoke and a new
+/// assignment, and the runner once trusted its own flag and stalled).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_instance_that_regains_its_partitions_consumes_again() {
+    const RECORDS: i64 = 600;
+    let h = Harness::new("repause", Guarantee::ExactlyOnce, 2, RECORDS, RECORDS).await;
+    // Four in flight and a buffer of eight: the partitions are paused
+    // nearly all the time.
+    let env = [
+        ("COPY_DELAY_MS", "20"),
+        ("VIDPIPE_RUNNER__IN_FLIGHT", "4"),
+        ("VIDPIPE_RUNNER__MAX_BUFFERED", "8"),
+    ];
+    let probe = h.probe();
+    tokio::task::block_in_place(|| {
+        let mut child = h.spawn("solo", &env, None);
+        h.wait_committed(&probe, 40, &mut [&mut child], Duration::from_secs(120));
+        // Past the session timeout (6 s): the group drops the member, which
+        // rejoins when it wakes and is given its partitions again.
+        signal(&child, "STOP");
+        std::thread::sleep(Duration::from_secs(9));
+        signal(&child, "CONT");
+        h.wait_committed(&probe, RECORDS, &mut [&mut child], Duration::from_secs(180));
+        signal(&child, "TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "SIGTERM shuts down cleanly, got {status}");
+    });
     h.assert_exactly_once().await;
     h.assert_status_terminal().await;
 }

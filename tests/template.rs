@@ -397,3 +397,73 @@ async fn records_longer_than_the_transaction_timeout_finish_exactly_once() {
     assert_eq!(out.len(), 2, "every record's output arrived");
     assert_eq!(extra.len(), 2, "and none twice");
 }
+
+/// One batch of status writes from partitions whose leases differ: each row
+/// gets its own outcome (applied, or fenced for the partition whose lease
+/// moved on), and a finished run never goes back to running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_batch_fences_and_guards_each_row_on_its_own() {
+    use vidpipe::template::status::{Fence, Finish, WriteOutcome};
+    let c = config();
+    let (pool, _) = fresh_database(&c).await;
+    let store = StatusStore::new(pool.clone());
+    let fence = |partition, epoch| Fence {
+        group: "g".into(),
+        topic: "t".into(),
+        partition,
+        epoch,
+    };
+    assert_eq!(store.acquire("g", "t", 0, "a").await.unwrap(), 1);
+    assert_eq!(store.acquire("g", "t", 1, "a").await.unwrap(), 1);
+    // Partition 1 moves on: writes with its first lease are a zombie's.
+    assert_eq!(store.acquire("g", "t", 1, "b").await.unwrap(), 2);
+    let writer = store.writer(16);
+    let done = Finish {
+        ok: true,
+        duration_ms: 5,
+        error_class: None,
+        error: None,
+        output: Some(serde_json::json!({"videos": []})),
+        final_stage: true,
+        touch_video: true,
+    };
+    let metas: Vec<Meta> = ["v-c", "v-a", "v-b"].into_iter().map(Meta::new).collect();
+    let (current, stale) = (fence(0, 1), fence(1, 1));
+    let (c_, a_, b_) = tokio::join!(
+        writer.finished(&current, &metas[0], "copy", 1, &done),
+        writer.finished(&current, &metas[1], "copy", 1, &done),
+        writer.finished(&stale, &metas[2], "copy", 1, &done),
+    );
+    assert_eq!(
+        (c_.unwrap(), a_.unwrap(), b_.unwrap()),
+        (
+            WriteOutcome::Applied,
+            WriteOutcome::Applied,
+            WriteOutcome::Fenced
+        )
+    );
+    // A late `running` row of the same attempt cannot undo `done`.
+    let late = writer
+        .started(&current, &metas[1], None, "copy", 1, true)
+        .await
+        .unwrap();
+    assert_eq!(late, WriteOutcome::Stale);
+    let rows: Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT video_id, status, started_at FROM stage_runs ORDER BY video_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let summary: Vec<(&str, &str, bool)> = rows
+        .iter()
+        .map(|(v, s, started)| (v.as_str(), s.as_str(), started.is_some()))
+        .collect();
+    assert_eq!(summary, vec![("v-a", "done", true), ("v-c", "done", true)]);
+    let videos: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM videos ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        videos,
+        vec![("v-a".into(), "done".into()), ("v-c".into(), "done".into())]
+    );
+}

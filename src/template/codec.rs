@@ -11,9 +11,17 @@
 //!
 //! Either way a reader decodes with schema resolution, so a record written
 //! with an older or newer compatible schema still reads.
+//!
+//! Schemas are parsed and resolved once, not per record: every parsed schema
+//! is interned for the life of the process (one copy per distinct schema
+//! text), so that encoders and decoders keep ready-made Avro writers and
+//! readers that borrow it. A record written with the reader's own schema
+//! (the usual case) is deserialised straight from its bytes; only one
+//! written with another schema goes through Avro's generic value and schema
+//! resolution.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use apache_avro::Schema;
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
@@ -57,11 +65,11 @@ enum Framing {
     Registry {
         settings: SrSettings,
         /// Writer schemas by registry id; they never change for an id.
-        by_id: Mutex<HashMap<u32, Arc<Schema>>>,
+        by_id: Mutex<HashMap<u32, &'static Schema>>,
     },
     SingleObject {
         /// Writer schemas by their single-object header.
-        by_header: Mutex<HashMap<[u8; 10], Arc<Schema>>>,
+        by_header: Mutex<HashMap<[u8; 10], &'static Schema>>,
     },
 }
 
@@ -73,7 +81,8 @@ pub struct Codec {
 /// Encodes values of one schema for one topic.
 #[derive(Clone)]
 pub struct Encoder {
-    schema: Arc<Schema>,
+    /// Resolved once; writing a record only serialises it.
+    writer: Arc<GenericDatumWriter<'static>>,
     header: Arc<[u8]>,
 }
 
@@ -81,11 +90,42 @@ pub struct Encoder {
 #[derive(Clone)]
 pub struct Decoder {
     codec: Arc<Codec>,
-    reader: Arc<Schema>,
+    reader: &'static Schema,
+    /// How records of each writer schema are read, by the address of the
+    /// interned writer schema; bounded like the interned schemas.
+    readings: Arc<Mutex<HashMap<usize, Arc<Reading>>>>,
+}
+
+/// A ready datum reader for one writer schema.
+enum Reading {
+    /// The writer schema is the reader's: deserialise straight from bytes.
+    Same(GenericDatumReader<'static>),
+    /// Another schema: read a generic value, resolve it to the reader's.
+    Resolve(GenericDatumReader<'static>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn parse(schema: &str) -> Result<Schema, CodecError> {
     Schema::parse_str(schema).map_err(|e| CodecError::Schema(e.to_string()))
+}
+
+/// The process's one parsed copy of a schema text. Readers and writers
+/// borrow it for as long as they live, which is why it is never freed:
+/// their number is bounded by the distinct schemas a process uses (its own
+/// and those the registry serves for the records it reads).
+fn intern(text: &str) -> Result<&'static Schema, CodecError> {
+    static INTERNED: OnceLock<Mutex<HashMap<String, &'static Schema>>> = OnceLock::new();
+    let interned = INTERNED.get_or_init(Default::default);
+    if let Some(schema) = lock(interned).get(text) {
+        return Ok(schema);
+    }
+    let parsed = parse(text)?;
+    Ok(lock(interned)
+        .entry(text.to_string())
+        .or_insert_with(|| Box::leak(Box::new(parsed))))
 }
 
 fn single_object_header(schema: &Schema) -> [u8; 10] {
@@ -110,8 +150,8 @@ impl Codec {
             None => {
                 let mut by_header = HashMap::new();
                 for s in ALL_SCHEMAS {
-                    let schema = parse(s)?;
-                    by_header.insert(single_object_header(&schema), Arc::new(schema));
+                    let schema = intern(s)?;
+                    by_header.insert(single_object_header(schema), schema);
                 }
                 Framing::SingleObject {
                     by_header: Mutex::new(by_header),
@@ -125,7 +165,7 @@ impl Codec {
     /// under `<topic>-value` when a registry is configured (an incompatible
     /// change is refused here, at startup, not per record).
     pub async fn encoder(&self, topic: &str, schema: &str) -> Result<Encoder, CodecError> {
-        let parsed = parse(schema)?;
+        let parsed = intern(schema)?;
         let header: Vec<u8> = match &self.framing {
             Framing::Registry { settings, by_id } => {
                 let name = parsed.name().map(|n| n.fullname(None));
@@ -136,46 +176,42 @@ impl Codec {
                 )
                 .await
                 .map_err(|e| CodecError::Registry(e.to_string()))?;
-                by_id
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(registered.id, Arc::new(parsed.clone()));
+                lock(by_id).insert(registered.id, parsed);
                 let mut h = vec![0u8];
                 h.extend_from_slice(&registered.id.to_be_bytes());
                 h
             }
             Framing::SingleObject { by_header } => {
-                let h = single_object_header(&parsed);
-                by_header
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(h, Arc::new(parsed.clone()));
+                let h = single_object_header(parsed);
+                lock(by_header).insert(h, parsed);
                 h.to_vec()
             }
         };
+        let writer = GenericDatumWriter::builder(parsed)
+            .build()
+            .map_err(|e| CodecError::Schema(e.to_string()))?;
         Ok(Encoder {
-            schema: Arc::new(parsed),
+            writer: Arc::new(writer),
             header: header.into(),
         })
     }
 
     /// A decoder into `schema`. Its writer schemas are found per record.
     pub fn decoder(self: &Arc<Self>, schema: &str) -> Result<Decoder, CodecError> {
-        let reader = parse(schema)?;
+        let reader = intern(schema)?;
         if let Framing::SingleObject { by_header } = &self.framing {
-            by_header
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(single_object_header(&reader))
-                .or_insert_with(|| Arc::new(reader.clone()));
+            lock(by_header)
+                .entry(single_object_header(reader))
+                .or_insert(reader);
         }
         Ok(Decoder {
             codec: self.clone(),
-            reader: Arc::new(reader),
+            reader,
+            readings: Arc::default(),
         })
     }
 
-    async fn writer_schema(&self, bytes: &[u8]) -> Result<(Arc<Schema>, usize), CodecError> {
+    async fn writer_schema(&self, bytes: &[u8]) -> Result<(&'static Schema, usize), CodecError> {
         match &self.framing {
             Framing::Registry { settings, by_id } => {
                 if bytes.len() < 5 || bytes[0] != 0 {
@@ -184,8 +220,8 @@ impl Codec {
                     ));
                 }
                 let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-                if let Some(s) = by_id.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
-                    return Ok((s.clone(), 5));
+                if let Some(s) = lock(by_id).get(&id) {
+                    return Ok((s, 5));
                 }
                 let fetched = get_schema_by_id(id, settings).await.map_err(|e| {
                     if e.retriable {
@@ -194,11 +230,8 @@ impl Codec {
                         CodecError::Undecodable(format!("schema id {id}: {e}"))
                     }
                 })?;
-                let schema = Arc::new(parse(&fetched.schema)?);
-                by_id
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, schema.clone());
+                let schema = intern(&fetched.schema)?;
+                lock(by_id).insert(id, schema);
                 Ok((schema, 5))
             }
             Framing::SingleObject { by_header } => {
@@ -209,34 +242,35 @@ impl Codec {
                 }
                 let mut h = [0u8; 10];
                 h.copy_from_slice(&bytes[..10]);
-                by_header
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&h)
-                    .map(|s| (s.clone(), 10))
-                    .ok_or_else(|| {
-                        CodecError::Undecodable(format!(
-                            "unknown schema fingerprint {}",
-                            hex::encode(&h[2..])
-                        ))
-                    })
+                lock(by_header).get(&h).map(|s| (*s, 10)).ok_or_else(|| {
+                    CodecError::Undecodable(format!(
+                        "unknown schema fingerprint {}",
+                        hex::encode(&h[2..])
+                    ))
+                })
             }
         }
     }
 }
 
 impl Encoder {
+    /// Frames a datum that `write` appends (for a record type with a
+    /// hand-written encoding of this encoder's schema, see
+    /// [`super::events`]).
+    pub fn frame(&self, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.header.len() + 128);
+        out.extend_from_slice(&self.header);
+        write(&mut out);
+        out
+    }
+
     /// Frames and encodes one value; fails if it does not fit the schema.
     pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
-        let writer = GenericDatumWriter::builder(&self.schema)
-            .build()
-            .map_err(|e| CodecError::Encode(e.to_string()))?;
-        let datum = writer
-            .write_ser_to_vec(value)
-            .map_err(|e| CodecError::Encode(e.to_string()))?;
-        let mut out = Vec::with_capacity(self.header.len() + datum.len());
+        let mut out = Vec::with_capacity(self.header.len() + 128);
         out.extend_from_slice(&self.header);
-        out.extend_from_slice(&datum);
+        self.writer
+            .write_ser(&mut out, value)
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
         Ok(out)
     }
 }
@@ -245,20 +279,49 @@ impl Decoder {
     /// Decodes one framed value, resolving its writer schema to ours.
     pub async fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let (writer, skip) = self.codec.writer_schema(bytes).await?;
+        let reading = self.reading(writer)?;
         let mut body = &bytes[skip..];
-        let value = GenericDatumReader::builder(&writer)
-            .reader_schema(&self.reader)
-            .build()
-            .map_err(|e| CodecError::Undecodable(e.to_string()))?
-            .read_value(&mut body)
-            .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+        let undecodable = |e: apache_avro::Error| CodecError::Undecodable(e.to_string());
+        let decoded = match &*reading {
+            Reading::Same(reader) => reader.read_deser::<T>(&mut body).map_err(undecodable)?,
+            Reading::Resolve(reader) => {
+                let value = reader.read_value(&mut body).map_err(undecodable)?;
+                apache_avro::from_value::<T>(&value).map_err(undecodable)?
+            }
+        };
         if !body.is_empty() {
             return Err(CodecError::Undecodable(format!(
                 "{} trailing bytes after the record",
                 body.len()
             )));
         }
-        apache_avro::from_value::<T>(&value).map_err(|e| CodecError::Undecodable(e.to_string()))
+        Ok(decoded)
+    }
+
+    /// The datum reader for records written with `writer`, built on first
+    /// use.
+    fn reading(&self, writer: &'static Schema) -> Result<Arc<Reading>, CodecError> {
+        let key = writer as *const Schema as usize;
+        if let Some(r) = lock(&self.readings).get(&key) {
+            return Ok(r.clone());
+        }
+        let bad = |e: apache_avro::Error| CodecError::Schema(e.to_string());
+        // Canonical forms ignore docs, defaults and aliases, which do not
+        // change the bytes: equal forms read alike without resolution.
+        let same = std::ptr::eq(writer, self.reader)
+            || writer.canonical_form() == self.reader.canonical_form();
+        let reading = Arc::new(if same {
+            Reading::Same(GenericDatumReader::builder(writer).build().map_err(bad)?)
+        } else {
+            Reading::Resolve(
+                GenericDatumReader::builder(writer)
+                    .reader_schema(self.reader)
+                    .build()
+                    .map_err(bad)?,
+            )
+        });
+        lock(&self.readings).insert(key, reading.clone());
+        Ok(reading)
     }
 }
 
@@ -286,6 +349,49 @@ mod tests {
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
         let dec = codec.decoder(VideoDiscovered::SCHEMA).unwrap();
         assert_eq!(dec.decode::<VideoDiscovered>(&bytes).await.unwrap(), record);
+    }
+
+    #[tokio::test]
+    async fn events_and_dead_letters_round_trip_straight_from_bytes() {
+        use crate::records::{DEAD_LETTER_SCHEMA, DeadLetter, EventKind};
+        let codec = Codec::new(None).unwrap();
+        let event = LifecycleEvent {
+            meta: Meta::new("yt:abc"),
+            stage: "download".into(),
+            kind: EventKind::Retried,
+            attempt: 2,
+            at: 1_700_000_000_000,
+            duration_ms: Some(12),
+            error_class: Some("retryable:http_503".into()),
+            error: None,
+            input_topic: "vidpipe.video.discovered".into(),
+            input_partition: 3,
+            input_offset: 42,
+        };
+        let enc = codec.encoder("e", LifecycleEvent::SCHEMA).await.unwrap();
+        let dec = codec.decoder(LifecycleEvent::SCHEMA).unwrap();
+        // Twice: the second read uses the cached reader.
+        for _ in 0..2 {
+            let bytes = enc.encode(&event).unwrap();
+            assert_eq!(dec.decode::<LifecycleEvent>(&bytes).await.unwrap(), event);
+        }
+        let letter = DeadLetter {
+            video_id: None,
+            stage: "download".into(),
+            topic: "t".into(),
+            partition: 1,
+            offset: 7,
+            key: Some(b"k\0\xff".to_vec()),
+            payload: None,
+            error_class: "undecodable".into(),
+            error: "bad".into(),
+            attempts: 1,
+            at: 1,
+        };
+        let enc = codec.encoder("d", DEAD_LETTER_SCHEMA).await.unwrap();
+        let dec = codec.decoder(DEAD_LETTER_SCHEMA).unwrap();
+        let bytes = enc.encode(&letter).unwrap();
+        assert_eq!(dec.decode::<DeadLetter>(&bytes).await.unwrap(), letter);
     }
 
     #[tokio::test]

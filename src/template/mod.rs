@@ -13,6 +13,7 @@
 //! Nothing in a stage touches Kafka, SQL or offsets.
 
 pub mod codec;
+pub mod events;
 pub mod keyed;
 pub mod offsets;
 pub mod runner;

@@ -25,10 +25,11 @@
 //!   only after every record it covers was acknowledged by the broker.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -42,13 +43,20 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::codec::{Codec, CodecError, Decoder, Encoder};
 use super::keyed::KeyedQueue;
 use super::offsets::PartitionOffsets;
-use super::status::{Fence, Finish, StatusStore, WriteOutcome};
+use super::status::{Fence, Finish, StatusStore, StatusWriteError, StatusWriter, WriteOutcome};
 use super::{Context, ErrorClass, Stage, StageError};
 use crate::config::{Config, Guarantee};
 use crate::records::{DEAD_LETTER_SCHEMA, DeadLetter, EventKind, LifecycleEvent, Record, now_ms};
 
 /// Timeout of blocking broker calls (commits, transactions, offsets).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Records taken from the consumer per turn of the loop before results,
+/// deliveries and commits are seen to.
+const POLL_BATCH: usize = 256;
+
+/// Longest time the loop goes without polling the consumer.
+const MAX_POLL_GAP: Duration = Duration::from_millis(50);
 
 /// Why a runner could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +230,29 @@ struct LoopState {
     status: Option<StatusStore>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
+    metrics: LoopMetrics,
+}
+
+/// The loop's per-record metrics, resolved once (a lookup by name and
+/// labels per record costs more than the rest of the bookkeeping).
+struct LoopMetrics {
+    records_in: Counter,
+    records_out: Counter,
+    skipped: Counter,
+    in_flight: Gauge,
+    commit_seconds: Histogram,
+}
+
+impl LoopMetrics {
+    fn new(stage: &'static str) -> Self {
+        Self {
+            records_in: counter!("vidpipe_records_in_total", "stage" => stage),
+            records_out: counter!("vidpipe_records_out_total", "stage" => stage),
+            skipped: counter!("vidpipe_records_skipped_total", "stage" => stage),
+            in_flight: gauge!("vidpipe_in_flight", "stage" => stage),
+            commit_seconds: histogram!("vidpipe_commit_seconds", "stage" => stage),
+        }
+    }
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains in-flight work
@@ -241,6 +272,7 @@ pub async fn run<S: Stage>(
         .clone()
         .unwrap_or_else(|| format!("{}{}", config.topic_prefix, S::NAME));
 
+    let loop_thread: Arc<OnceLock<std::thread::Thread>> = Arc::default();
     let worker = Arc::new(Worker::<S> {
         stage,
         decoder: settings.codec.decoder(S::Input::SCHEMA)?,
@@ -260,8 +292,16 @@ pub async fn run<S: Stage>(
         events_topic,
         dlq_topic,
         input_topic: input_topic.clone(),
-        status: settings.status.clone(),
+        // Every worker has at most one status write queued: a batch can
+        // hold one row per record in flight.
+        status: settings
+            .status
+            .as_ref()
+            .map(|s| s.writer(config.runner.in_flight)),
         final_stage: settings.final_stage,
+        processing_seconds: histogram!("vidpipe_processing_seconds", "stage" => S::NAME),
+        loop_thread: loop_thread.clone(),
+        running_row_after: Duration::from_millis(config.runner.status_running_after_ms),
         max_attempts: config.runner.max_attempts,
         backoff_initial: Duration::from_millis(config.runner.backoff_initial_ms),
         backoff_max: Duration::from_millis(config.runner.backoff_max_ms),
@@ -349,6 +389,7 @@ pub async fn run<S: Stage>(
         status: settings.status.clone(),
         runtime,
         shutdown: shutdown.clone(),
+        metrics: LoopMetrics::new(S::NAME),
     }));
     let consumer: BaseConsumer<RebalanceHook> =
         consumer_config.create_with_context(RebalanceHook {
@@ -358,13 +399,14 @@ pub async fn run<S: Stage>(
     let commit_interval = Duration::from_millis(config.runner.commit_interval_ms);
     let grace = Duration::from_millis(config.runner.shutdown_grace_ms);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name(format!("vidpipe-{}", S::NAME))
         .spawn(move || {
             let result = event_loop(consumer, state, rx, &input_topic, commit_interval, grace);
             let _ = done_tx.send(result);
         })
         .map_err(|e| RunnerError::Loop(e.to_string()))?;
+    let _ = loop_thread.set(handle.thread().clone());
     done_rx
         .await
         .map_err(|_| RunnerError::Loop("the loop thread ended without a result".into()))?
@@ -391,6 +433,7 @@ fn event_loop(
     let mut next_commit = Instant::now() + commit_interval;
     let mut next_lag = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
+    let mut last_poll = Instant::now();
 
     loop {
         let shutting_down = lock(&state).shutdown.is_cancelled();
@@ -423,22 +466,46 @@ fn event_loop(
         // the consumer's poll does not wake up for them. Longer ones when
         // idle. (Waiting 100 ms per loop for delivery reports held
         // at-least-once mode at ~1,500 records/s.)
-        let pending = {
+        let (pending, starved) = {
             let s = lock(&state);
-            s.running > 0 || !s.ready.is_empty() || !s.awaiting.is_empty() || s.paused
+            (
+                s.running > 0 || !s.ready.is_empty() || !s.awaiting.is_empty() || s.paused,
+                s.ready.len() < s.in_flight_limit,
+            )
         };
-        let timeout = Duration::from_millis(if pending { 1 } else { 100 });
-        let message = consumer.poll(timeout);
-        let mut s = lock(&state);
-        s.take_assignments(&consumer);
-        match message {
-            Some(Ok(m)) if drain_deadline.is_none() => s.receive(&m),
-            // Fetched before the pause took effect: not started, so it is
-            // simply left for the next owner (its offset is not committed).
-            Some(Ok(_)) => {}
-            Some(Err(e)) => warn!(stage, error = %e, "consumer error"),
-            None => {}
+        // Records are taken from the consumer when the workers are about to
+        // need them. While enough are queued for them, the loop waits for
+        // results instead and librdkafka keeps its prefetched records (it
+        // bounds them itself, `queued.max.messages.kbytes`); taking them
+        // anyway would fill the buffer until the partitions pause, and every
+        // pause drops that prefetch. The consumer is still polled at least
+        // every MAX_POLL_GAP, for rebalances and `max.poll.interval.ms`:
+        // with a slow stage the buffer then fills and pauses as before.
+        let take = starved || last_poll.elapsed() >= MAX_POLL_GAP;
+        if !take {
+            std::thread::park_timeout(Duration::from_millis(1));
         }
+        let mut timeout = Duration::from_millis(if pending { 1 } else { 100 });
+        // Up to a batch of the records librdkafka already holds, then the
+        // bookkeeping below once for all of them. The state is locked per
+        // record, not across `poll`: a rebalance callback inside `poll`
+        // locks it too.
+        for _ in 0..if take { POLL_BATCH } else { 0 } {
+            last_poll = Instant::now();
+            let message = consumer.poll(timeout);
+            timeout = Duration::ZERO;
+            let mut s = lock(&state);
+            s.take_assignments(&consumer);
+            match message {
+                Some(Ok(m)) if drain_deadline.is_none() => s.receive(&m),
+                // Fetched before the pause took effect: not started, so it is
+                // simply left for the next owner (its offset is not committed).
+                Some(Ok(_)) => {}
+                Some(Err(e)) => warn!(stage, error = %e, "consumer error"),
+                None => break,
+            }
+        }
+        let mut s = lock(&state);
         s.drain_messages(&mut rx);
         if drain_deadline.is_none() {
             s.reclaim(&consumer);
@@ -481,7 +548,7 @@ impl LoopState {
                 TopicPartitionList::new()
             }
         };
-        for p in partitions {
+        for p in partitions.iter().copied() {
             let (position, metadata) = committed
                 .find_partition(&self.input_topic, p)
                 .and_then(|e| match e.offset() {
@@ -508,10 +575,33 @@ impl LoopState {
                 },
             );
         }
-        if self.paused {
-            self.paused = false;
-            self.backpressure(consumer);
+        // librdkafka keeps a partition's pause across a revoke and a new
+        // assignment (a lost membership, a rewind): without an explicit
+        // resume a partition paused under load and assigned again would
+        // never be fetched from. Resume the new partitions, and every other
+        // one if the instance was paused; backpressure pauses all again if
+        // the buffer is still full.
+        if self.shutdown.is_cancelled() {
+            // Draining: nothing new starts.
+            self.pause_all(consumer);
+            return;
         }
+        let mut fresh = TopicPartitionList::new();
+        for p in &partitions {
+            fresh.add_partition(&self.input_topic, *p);
+        }
+        if let Err(e) = consumer.resume(&fresh) {
+            warn!(stage = self.stage, error = %e, "cannot resume assigned partitions");
+        }
+        if self.paused {
+            if let Ok(all) = consumer.assignment()
+                && let Err(e) = consumer.resume(&all)
+            {
+                warn!(stage = self.stage, error = %e, "cannot resume partitions");
+            }
+            self.paused = false;
+        }
+        self.backpressure(consumer);
     }
 
     /// Takes the partition's lease for database writes (fencing zombies).
@@ -560,9 +650,9 @@ impl LoopState {
         let Some(part) = self.partitions.get_mut(&p) else {
             return;
         };
-        counter!("vidpipe_records_in_total", "stage" => self.stage).increment(1);
+        self.metrics.records_in.increment(1);
         if !part.offsets.receive(offset) {
-            counter!("vidpipe_records_skipped_total", "stage" => self.stage).increment(1);
+            self.metrics.skipped.increment(1);
             return;
         }
         // Records without a key have no order to keep: each is its own key.
@@ -582,7 +672,6 @@ impl LoopState {
         if let Some(job) = part.keys.push(&key, job) {
             self.start(job);
         }
-        gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
     }
 
     fn drain_messages(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) {
@@ -646,7 +735,6 @@ impl LoopState {
             }
         }
         self.fill();
-        gauge!("vidpipe_in_flight", "stage" => self.stage).set(self.buffered() as f64);
     }
 
     /// Runs `job` now if a worker is free, else queues it.
@@ -689,7 +777,7 @@ impl LoopState {
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
-                    counter!("vidpipe_records_out_total", "stage" => self.stage).increment(1);
+                    self.metrics.records_out.increment(1);
                     // Anything produced opens the broker-side transaction and
                     // starts its timeout: commit it on the next interval even
                     // if no record finished (a long record's `started` event
@@ -782,6 +870,7 @@ impl LoopState {
 
     fn backpressure<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let buffered = self.buffered();
+        self.metrics.in_flight.set(buffered as f64);
         if !self.paused && buffered >= self.buffer_limit {
             self.pause_all(consumer);
         } else if self.paused && buffered <= self.buffer_limit / 2 {
@@ -875,8 +964,13 @@ impl LoopState {
                 }
             }
         }
-        histogram!("vidpipe_commit_seconds", "stage" => self.stage)
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.metrics.commit_seconds.record(took.as_secs_f64());
+        debug!(
+            stage = self.stage,
+            took_ms = took.as_secs_f64() * 1e3,
+            "committed"
+        );
     }
 
     fn abort_and_rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, recreate: bool) {
@@ -1041,8 +1135,14 @@ struct Worker<S: Stage> {
     events_topic: Arc<str>,
     dlq_topic: Arc<str>,
     input_topic: String,
-    status: Option<StatusStore>,
+    status: Option<StatusWriter>,
     final_stage: bool,
+    processing_seconds: Histogram,
+    /// How long a run goes before its `running` row is written.
+    running_row_after: Duration,
+    /// The loop thread, woken when a record is done (it waits for results
+    /// rather than records while enough are queued for the workers).
+    loop_thread: Arc<OnceLock<std::thread::Thread>>,
     max_attempts: u32,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -1077,6 +1177,9 @@ impl<S: Stage> Worker<S> {
                 fenced,
             })
             .await;
+        if let Some(thread) = self.loop_thread.get() {
+            thread.unpark();
+        }
     }
 
     fn backoff(&self, attempt: u32, asked: Option<Duration>) -> Duration {
@@ -1142,20 +1245,6 @@ impl<S: Stage> Worker<S> {
             if job.cancel.is_cancelled() {
                 return Ending::Abandoned;
             }
-            if let (Some(status), Some(fence)) = (&self.status, &job.fence) {
-                let write = self
-                    .with_db_retries(job, || {
-                        status.started(fence, &meta, input.url(), S::NAME, attempt as i32, is_video)
-                    })
-                    .await;
-                if write == Some(WriteOutcome::Fenced) {
-                    counter!("vidpipe_fenced_writes_total", "stage" => S::NAME).increment(1);
-                    warn!(
-                        "partition lease lost (a newer owner fenced this instance): leaving the record to it"
-                    );
-                    return Ending::Fenced;
-                }
-            }
             if attempt == 1 {
                 let _ = tx
                     .send(WorkerMsg::Produce(self.event(
@@ -1174,10 +1263,61 @@ impl<S: Stage> Worker<S> {
                 attempt,
                 cancel: job.cancel.clone(),
             };
+            // The `running` row is written while the stage runs rather than
+            // before it, and only once the run has lasted
+            // `runner.status_running_after_ms`: a fast stage then costs no
+            // extra round trip, and its run gets its final row only. Once
+            // under way, the write's outcome is awaited before the result
+            // counts: a fenced writer (the partition's lease went to another
+            // instance) cancels the stage and leaves the record to the new
+            // owner. The final row is fenced the same way.
+            let row_attempt = attempt as i32;
+            let writing = AtomicBool::new(false);
+            let started_row = async {
+                let (Some(status), Some(fence)) = (&self.status, &job.fence) else {
+                    return None;
+                };
+                if !self.running_row_after.is_zero() {
+                    tokio::time::sleep(self.running_row_after).await;
+                }
+                writing.store(true, Ordering::Relaxed);
+                self.with_db_retries(job, || {
+                    status.started(fence, &meta, input.url(), S::NAME, row_attempt, is_video)
+                })
+                .await
+            };
             let t0 = Instant::now();
-            let result = self.stage.process(input.clone(), &ctx).await;
-            histogram!("vidpipe_processing_seconds", "stage" => S::NAME)
-                .record(t0.elapsed().as_secs_f64());
+            let work = self.stage.process(input.clone(), &ctx);
+            tokio::pin!(work, started_row);
+            let mut row_done = false;
+            let mut fenced = false;
+            let result = loop {
+                tokio::select! {
+                    r = &mut work => {
+                        self.processing_seconds.record(t0.elapsed().as_secs_f64());
+                        break r;
+                    }
+                    outcome = &mut started_row, if !row_done => {
+                        row_done = true;
+                        if outcome == Some(WriteOutcome::Fenced) {
+                            fenced = true;
+                            ctx.cancel.cancel();
+                        }
+                    }
+                }
+            };
+            // A write under way is waited for (its outcome says whether
+            // this instance was fenced); one not begun is dropped.
+            if !row_done && writing.load(Ordering::Relaxed) {
+                fenced = started_row.await == Some(WriteOutcome::Fenced);
+            }
+            if fenced {
+                counter!("vidpipe_fenced_writes_total", "stage" => S::NAME).increment(1);
+                warn!(
+                    "partition lease lost (a newer owner fenced this instance): leaving the record to it"
+                );
+                return Ending::Fenced;
+            }
             let result = result.and_then(|outputs| self.encode_outputs(&outputs));
             match result {
                 Ok((outs, refs)) => {
@@ -1280,7 +1420,7 @@ impl<S: Stage> Worker<S> {
     async fn with_db_retries<F, Fut>(&self, job: &Job, write: F) -> Option<WriteOutcome>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<WriteOutcome, sqlx::Error>>,
+        Fut: std::future::Future<Output = Result<WriteOutcome, StatusWriteError>>,
     {
         let mut delay = Duration::from_millis(100);
         for _ in 0..8 {
@@ -1378,6 +1518,9 @@ impl<S: Stage> Worker<S> {
                 headers: vec![("vidpipe.generation", o.meta().generation.to_string())],
             });
         }
+        if self.status.is_none() {
+            return Ok((outs, serde_json::Value::Null));
+        }
         // The status row keeps the output records themselves (small: blob
         // references, not media), so that tools find a run's results without
         // reading Kafka; a source that yields many videos keeps only ids.
@@ -1418,12 +1561,9 @@ impl<S: Stage> Worker<S> {
             input_partition: job.partition,
             input_offset: job.offset,
         };
-        // Our own record type always fits its schema; if it ever did not,
-        // an empty payload is sent rather than losing the record's progress.
-        let payload = self.events.encode(&event).unwrap_or_else(|e| {
-            error!(error = %e, "cannot encode lifecycle event");
-            Vec::new()
-        });
+        let payload = self
+            .events
+            .frame(|out| super::events::write_datum(&event, out));
         Out {
             topic: self.events_topic.clone(),
             key: meta.video_id.clone().into_bytes(),
