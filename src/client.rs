@@ -249,7 +249,7 @@ fn kafka(config: &Config, e: impl std::fmt::Display) -> ClientError {
 }
 
 /// One stage run, as `status --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StageStatus {
     /// Stage name.
     pub name: String,
@@ -265,8 +265,10 @@ pub struct StageStatus {
     pub generation: i64,
 }
 
-/// One video, as `status --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One video, as `status --json` prints it (and the HTTP API sends it: the
+/// OpenAPI schema is derived from this very type, named `Video` there).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Video)]
 pub struct VideoStatus {
     /// Video id.
     pub id: String,

@@ -1,12 +1,12 @@
 //! The API's request and response bodies, with their OpenAPI schemas.
 //!
-//! The library's own types (`client::VideoStatus`, `admin::StageTopic`, …)
-//! carry no OpenAPI derive; these mirror them field for field and are what
-//! the handlers serialise, so the document describes exactly what is sent.
-//! The `From` impls destructure the library types exhaustively: a field
-//! added there breaks the build here until the API decides what to do
-//! with it, and a unit test checks that a video serialises exactly as
-//! `vidpipe status --json` prints it.
+//! A video's status is the library's own `client::VideoStatus` (it derives
+//! its OpenAPI schema, so the API and `vidpipe status --json` cannot
+//! differ). The other library types (`admin::StageTopic`, …) carry no
+//! OpenAPI derive; these mirror them field for field and are what the
+//! handlers serialise, so the document describes exactly what is sent. The
+//! `From` impls destructure the library types exhaustively: a field added
+//! there breaks the build here until the API decides what to do with it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -73,84 +73,9 @@ impl From<client::Submitted> for Submitted {
     }
 }
 
-/// One stage run of a video's current generation.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct StageStatus {
-    /// Stage name.
-    pub name: String,
-    /// `queued`, `running`, `done` or `failed`.
-    pub status: String,
-    /// Attempts so far.
-    pub attempts: i32,
-    /// How long the run took (when finished).
-    pub duration_ms: Option<i64>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Generation of the run.
-    pub generation: i64,
-}
-
-/// A video and its stage runs, as `vidpipe status --json` prints it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Video {
-    /// Video id (`yt:…`, `url:…`).
-    pub id: String,
-    /// Its URL.
-    pub url: String,
-    /// `queued`, `running`, `done` or `failed`.
-    pub status: String,
-    /// The stage it is at (or failed in).
-    pub stage: Option<String>,
-    /// Current generation (a replay adds one).
-    pub generation: i64,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Its stage runs of the current generation, in pipeline order.
-    pub stages: Vec<StageStatus>,
-}
-
-impl From<client::VideoStatus> for Video {
-    fn from(v: client::VideoStatus) -> Self {
-        let client::VideoStatus {
-            id,
-            url,
-            status,
-            stage,
-            generation,
-            error,
-            stages,
-        } = v;
-        Self {
-            id,
-            url,
-            status,
-            stage,
-            generation,
-            error,
-            stages: stages
-                .into_iter()
-                .map(|s| {
-                    let client::StageStatus {
-                        name,
-                        status,
-                        attempts,
-                        duration_ms,
-                        error,
-                        generation,
-                    } = s;
-                    StageStatus {
-                        name,
-                        status,
-                        attempts,
-                        duration_ms,
-                        error,
-                        generation,
-                    }
-                })
-                .collect(),
-        }
-    }
-}
+/// A video and its stage runs, exactly the library's type that `vidpipe
+/// status --json` prints (it derives its own OpenAPI schema).
+pub use crate::client::{StageStatus, VideoStatus as Video};
 
 /// `?limit=` of the video list.
 #[derive(Debug, Clone, Deserialize, IntoParams)]
@@ -664,28 +589,6 @@ pub struct Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_video_serialises_as_status_json_prints_it() {
-        let v = client::VideoStatus {
-            id: "url:abc".into(),
-            url: "https://example.com/a.mp4".into(),
-            status: "failed".into(),
-            stage: Some("download".into()),
-            generation: 2,
-            error: Some("<b>bad</b>".into()),
-            stages: vec![client::StageStatus {
-                name: "download".into(),
-                status: "failed".into(),
-                attempts: 3,
-                duration_ms: None,
-                error: Some("404".into()),
-                generation: 2,
-            }],
-        };
-        let ours = serde_json::to_value(Video::from(v.clone())).unwrap();
-        assert_eq!(ours, serde_json::to_value(&v).unwrap());
-    }
 
     #[test]
     fn stage_names_match_the_registry() {

@@ -108,7 +108,7 @@ pub async fn list_videos(
         )));
     }
     let videos = client::status(&state.pool, &[], limit).await?;
-    Ok(Json(videos.into_iter().map(Video::from).collect()))
+    Ok(Json(videos))
 }
 
 /// Loads one video or answers 404.
@@ -117,7 +117,6 @@ pub async fn video(state: &State, id: &str) -> Result<Video, ApiError> {
         .await?
         .into_iter()
         .next()
-        .map(Video::from)
         .ok_or_else(|| ApiError::NotFound(format!("unknown video id {id:?}")))
 }
 
