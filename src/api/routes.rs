@@ -167,6 +167,19 @@ pub async fn get_timeline(
     Ok(Json(timeline(&state, &id).await?))
 }
 
+/// A result file of a video (transcript or summary) as the response body.
+async fn result_file(
+    state: &State,
+    id: &str,
+    kind: ResultKind,
+    ext: &str,
+    content_type: &'static str,
+    generation: Option<i64>,
+) -> Result<Response, ApiError> {
+    let file = client::read_result(&state.pool, &state.blobs, id, kind, ext, generation).await?;
+    Ok(([(header::CONTENT_TYPE, content_type)], file.bytes).into_response())
+}
+
 /// A video's transcript file.
 #[utoipa::path(
     get, path = "/api/v1/videos/{id}/transcript", tag = "results",
@@ -190,16 +203,16 @@ pub async fn get_transcript(
     QueryParams(q): QueryParams<TranscriptQuery>,
 ) -> Result<Response, ApiError> {
     let format = q.format.unwrap_or_default();
-    let file = client::read_result(
-        &state.pool,
-        &state.blobs,
+    let (ext, content_type) = (format.ext(), format.content_type());
+    result_file(
+        &state,
         &id,
         ResultKind::Transcript,
-        format.ext(),
+        ext,
+        content_type,
         q.generation,
     )
-    .await?;
-    Ok(([(header::CONTENT_TYPE, format.content_type())], file.bytes).into_response())
+    .await
 }
 
 /// A video's summary file.
@@ -223,16 +236,16 @@ pub async fn get_summary(
     QueryParams(q): QueryParams<SummaryQuery>,
 ) -> Result<Response, ApiError> {
     let format = q.format.unwrap_or_default();
-    let file = client::read_result(
-        &state.pool,
-        &state.blobs,
+    let (ext, content_type) = (format.ext(), format.content_type());
+    result_file(
+        &state,
         &id,
         ResultKind::Summary,
-        format.ext(),
+        ext,
+        content_type,
         q.generation,
     )
-    .await?;
-    Ok(([(header::CONTENT_TYPE, format.content_type())], file.bytes).into_response())
+    .await
 }
 
 /// Subscriptions (feeds, channels, playlists) that discovery polls.
