@@ -73,6 +73,13 @@ pub async fn submit(
     timeout: u64,
     requested_by: Option<&str>,
 ) -> ExitCode {
+    // A bad URL is a usage error whether or not the services are up: say
+    // so before connecting to anything.
+    for url in urls {
+        if let Err(e) = vidpipe::ids::normalise(url) {
+            return client_error(ClientError::BadUrl(e));
+        }
+    }
     let pool = match pool(config).await {
         Ok(p) => p,
         Err(code) => return code,
