@@ -169,6 +169,9 @@ pub struct MediaConfig {
     pub asr_backend: String,
     /// Entries a channel, playlist or feed yields the first time it is seen.
     pub max_backfill: usize,
+    /// Nice value of ffmpeg and ffprobe (0-19, 0 = vidpipe's own priority):
+    /// decoding yields the CPU to transcription, the pipeline's bottleneck.
+    pub tool_niceness: i32,
 }
 
 impl Default for MediaConfig {
@@ -187,6 +190,7 @@ impl Default for MediaConfig {
             asr_timeout_secs: 600,
             asr_backend: "openai".into(),
             max_backfill: 20,
+            tool_niceness: 10,
         }
     }
 }
@@ -436,6 +440,12 @@ impl Config {
         if !matches!(self.media.asr_backend.as_str(), "openai" | "google") {
             return Err(invalid("media.asr_backend", "must be openai or google"));
         }
+        if !(0..=19).contains(&self.media.tool_niceness) {
+            return Err(invalid(
+                "media.tool_niceness",
+                "must be from 0 (normal priority) to 19 (lowest)",
+            ));
+        }
         if self.media.asr_concurrency == 0 || self.media.per_site == 0 {
             return Err(invalid(
                 "media.asr_concurrency",
@@ -648,6 +658,29 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("sk-canary-123"));
         assert!(!shown.contains("vidpipe:vidpipe@"));
+    }
+
+    #[test]
+    fn tool_niceness_is_a_nice_value() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        assert_eq!(load("").unwrap().media.tool_niceness, 10);
+        assert_eq!(
+            load("[media]\ntool_niceness = 0\n")
+                .unwrap()
+                .media
+                .tool_niceness,
+            0
+        );
+        for bad in ["-5", "20"] {
+            let err = load(&format!("[media]\ntool_niceness = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("media.tool_niceness"), "{err}");
+        }
     }
 
     #[test]

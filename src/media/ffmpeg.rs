@@ -100,6 +100,13 @@ pub struct Limits {
     /// Each chunk after the first starts this long before the previous cut,
     /// so a word spoken across the cut is in both.
     pub overlap: Duration,
+    /// The nice value ffmpeg and ffprobe run at (0 to 19; 0 leaves them at
+    /// vidpipe's own priority). Decoding competes for the CPU with the
+    /// transcription it feeds, which is the bottleneck of the pipeline,
+    /// and with a local ASR server on the same cores it is the
+    /// transcription that should win: extraction only has to stay ahead of
+    /// it (see BENCHMARKS.md, the pipeline).
+    pub niceness: i32,
 }
 
 impl Default for Limits {
@@ -115,6 +122,7 @@ impl Default for Limits {
             chunk_max_bytes: 24 << 20,
             chunk_target: Duration::from_secs(10 * 60),
             overlap: Duration::from_millis(1500),
+            niceness: 10,
         }
     }
 }
@@ -125,6 +133,12 @@ impl Limits {
         let bad = |what: String| Err(FfmpegError::InvalidLimits(what));
         if self.max_duration.is_zero() || self.timeout.is_zero() {
             return bad("max_duration and timeout must be positive".into());
+        }
+        if !(0..=19).contains(&self.niceness) {
+            return bad(format!(
+                "niceness is {}, outside 0 (normal priority) to 19 (lowest)",
+                self.niceness
+            ));
         }
         if self.max_output_bytes > u64::from(u32::MAX) {
             return bad(format!(
@@ -348,7 +362,7 @@ impl fmt::Display for Hms {
 /// Asks ffprobe what `input` is. Fails with `not_media` when ffprobe cannot
 /// read it as one of the accepted containers.
 pub async fn probe(input: &Path, limits: &Limits) -> Result<Probe, FfmpegError> {
-    let deadline = Deadline::after(limits.timeout);
+    let deadline = Bounds::of(limits);
     probe_within(input, &deadline, &CancellationToken::new()).await
 }
 
@@ -368,7 +382,7 @@ pub async fn extract(
     cancel: &CancellationToken,
 ) -> Result<Extracted, FfmpegError> {
     limits.validate()?;
-    let deadline = Deadline::after(limits.timeout);
+    let deadline = Bounds::of(limits);
 
     let probe = probe_within(input, &deadline, cancel).await?;
     if !probe.has_audio {
@@ -510,7 +524,7 @@ pub async fn silences(
     audio: &Path,
     limits: &Limits,
 ) -> Result<Vec<(Duration, Duration)>, FfmpegError> {
-    let deadline = Deadline::after(limits.timeout);
+    let deadline = Bounds::of(limits);
     silences_within(audio, limits, &deadline, &CancellationToken::new()).await
 }
 
@@ -605,7 +619,7 @@ fn samples_to_duration(samples: u64) -> Duration {
 /// The ffprobe half of [`probe`] and [`extract`].
 async fn probe_within(
     input: &Path,
-    deadline: &Deadline,
+    deadline: &Bounds,
     cancel: &CancellationToken,
 ) -> Result<Probe, FfmpegError> {
     let mut args = common_args();
@@ -701,7 +715,7 @@ fn parse_probe(json: &[u8]) -> Result<Probe, FfmpegError> {
 async fn silences_within(
     audio: &Path,
     limits: &Limits,
-    deadline: &Deadline,
+    deadline: &Bounds,
     cancel: &CancellationToken,
 ) -> Result<Vec<(Duration, Duration)>, FfmpegError> {
     let mut args = common_args();
@@ -1033,18 +1047,46 @@ fn secs_arg(d: Duration) -> OsString {
     format!("{}.{:06}", d.as_secs(), d.subsec_micros()).into()
 }
 
-/// The overall deadline of one public call.
-struct Deadline {
+/// The bounds of one public call: its overall deadline, and the CPU
+/// priority of the tools it runs.
+struct Bounds {
     at: Instant,
     budget: Duration,
+    niceness: i32,
 }
 
-impl Deadline {
-    fn after(budget: Duration) -> Self {
+impl Bounds {
+    fn of(limits: &Limits) -> Self {
         Self {
-            at: Instant::now() + budget,
-            budget,
+            at: Instant::now() + limits.timeout,
+            budget: limits.timeout,
+            niceness: limits.niceness,
         }
+    }
+}
+
+/// Lowers a started tool's CPU priority to `niceness` (or leaves it at
+/// ours, if that is lower). Done from here
+/// rather than in the child before `exec` (which needs `unsafe` code): the
+/// tool runs its first instants at our priority, which does not matter for
+/// work that lasts long enough to compete. Failing is harmless (the tool
+/// just keeps our priority), so it is only logged.
+fn lower_priority(tool: &'static str, child: &tokio::process::Child, niceness: i32) {
+    if niceness == 0 {
+        return;
+    }
+    let Some(pid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    // Never above our own priority: a vidpipe started with `nice` keeps its
+    // tools at least as nice.
+    let own = rustix::process::getpriority_process(None).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_process(Some(pid), niceness.max(own)) {
+        tracing::debug!(tool, error = %e, "cannot lower the tool's priority");
     }
 }
 
@@ -1063,7 +1105,7 @@ struct Run {
 async fn run_tool(
     tool: &'static str,
     args: &[OsString],
-    deadline: &Deadline,
+    deadline: &Bounds,
     cancel: &CancellationToken,
     mut on_line: impl FnMut(&str),
 ) -> Result<Run, FfmpegError> {
@@ -1089,6 +1131,7 @@ async fn run_tool(
                 source,
             },
         })?;
+    lower_priority(tool, &child, deadline.niceness);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(FfmpegError::Io {
             context: format!("{tool}'s pipes"),
@@ -1586,5 +1629,33 @@ mod tests {
             summarize(&tail, input),
             "hls: format not accepted (not a media container); Invalid argument"
         );
+    }
+
+    #[tokio::test]
+    async fn tools_run_at_the_configured_niceness() {
+        let nice_of = |child: &tokio::process::Child| -> i32 {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id().unwrap()))
+                .expect("the child's /proc entry");
+            // Field 19 (nice), counted after the parenthesised command name.
+            let rest = stat.rsplit_once(')').unwrap().1;
+            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        };
+        let spawn = || {
+            tokio::process::Command::new("sleep")
+                .arg("5")
+                .kill_on_drop(true)
+                .spawn()
+                .expect("sleep(1)")
+        };
+        let ours = {
+            let child = spawn();
+            nice_of(&child)
+        };
+        let child = spawn();
+        lower_priority("sleep", &child, 10);
+        assert_eq!(nice_of(&child), ours.max(10));
+        let child = spawn();
+        lower_priority("sleep", &child, 0);
+        assert_eq!(nice_of(&child), ours, "0 leaves the priority alone");
     }
 }

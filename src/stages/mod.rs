@@ -134,6 +134,7 @@ impl Services {
             chunk_max_bytes: m.chunk_max_bytes,
             chunk_target: Duration::from_secs(chunk_secs),
             overlap: Duration::from_millis(m.chunk_overlap_ms),
+            niceness: m.tool_niceness,
             ..Limits::default()
         }
     }
