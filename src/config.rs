@@ -94,8 +94,12 @@ pub struct RunnerConfig {
     /// Upper bound of a retry delay.
     pub backoff_max_ms: u64,
     /// How often finished work is committed (offsets, and the transaction in
-    /// exactly-once mode). Shorter means fewer repeats after a crash, longer
-    /// means fewer, larger transactions.
+    /// exactly-once mode). Shorter means fewer repeats after a crash and
+    /// less delay between stages (in exactly-once mode the next stage sees
+    /// a record once its transaction commits: half an interval per hop on
+    /// average); longer means fewer, larger transactions. 100 ms, as Kafka
+    /// Streams under exactly-once: a commit costs the broker a few
+    /// milliseconds, against records that take seconds to minutes.
     pub commit_interval_ms: u64,
     /// How long shutdown waits for in-flight records before releasing them
     /// (they are then re-run by the next owner of the partition).
@@ -127,7 +131,7 @@ impl Default for RunnerConfig {
             max_attempts: 5,
             backoff_initial_ms: 500,
             backoff_max_ms: 60_000,
-            commit_interval_ms: 500,
+            commit_interval_ms: 100,
             shutdown_grace_ms: 30_000,
             session_timeout_ms: 10_000,
             status: true,
