@@ -65,7 +65,12 @@ async fn main() {
         .spawn()
         .expect("python3 http.server");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c = Config::local_defaults().expect("config");
+    let mut c = Config::local_defaults().expect("config");
+    // `BENCH_ASR_CONCURRENCY` sets `media.asr_concurrency` for the ASR-alone
+    // run and the pipeline alike.
+    if let Ok(n) = std::env::var("BENCH_ASR_CONCURRENCY") {
+        c.media.asr_concurrency = n.parse().expect("BENCH_ASR_CONCURRENCY: a count");
+    }
     let concurrency = c.media.asr_concurrency;
     let client = reqwest::Client::new();
     let transcribe = |path: std::path::PathBuf| {
@@ -94,6 +99,7 @@ async fn main() {
     transcribe(work.join("v0.wav")).await;
 
     // (1) The ASR server alone, `asr_concurrency` requests at a time.
+    phase("asr-alone");
     let t = Instant::now();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = Vec::new();
@@ -111,6 +117,7 @@ async fn main() {
     let asr_alone = t.elapsed().as_secs_f64();
 
     // (2) The sequential script.
+    phase("script");
     let seq_dir = tempfile::tempdir().unwrap();
     let urls: Vec<String> = (0..VIDEOS)
         .map(|i| format!("http://127.0.0.1:{port}/v{i}.mp4"))
@@ -130,6 +137,10 @@ async fn main() {
 
     // (3) vidpipe: a fresh database and topics, all stages in this process.
     let mut pc = c.clone();
+    // `BENCH_NICENESS=0` runs ffmpeg at vidpipe's own priority, to compare.
+    if let Ok(n) = std::env::var("BENCH_NICENESS") {
+        pc.media.tool_niceness = n.parse().expect("BENCH_NICENESS: 0 to 19");
+    }
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     pc.topic_prefix = format!("bench_{run_id}.");
     pc.net_allow = "127.0.0.1/32".into();
@@ -159,7 +170,9 @@ async fn main() {
     // Let every stage join its group before the clock starts.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let urls: Vec<String> = urls.iter().map(|u| format!("{u}?run={run_id}")).collect();
+    phase("vidpipe");
     let t = Instant::now();
+    let t0 = chrono::Utc::now();
     let submitted = vidpipe::client::submit(&pc, &pool, &urls, false, None)
         .await
         .expect("submit");
@@ -179,13 +192,16 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pipeline = t.elapsed().as_secs_f64();
+    phase("end");
+    let breakdown = timeline(&pool, t0).await;
     shutdown.cancel();
     running.await.unwrap().expect("stages stop cleanly");
     let _ = http.kill();
     let _ = http.wait();
 
     println!(
-        "\n{VIDEOS} spoken videos, {audio_secs:.0} s of audio in all; ASR concurrency {concurrency}\n"
+        "\n{VIDEOS} spoken videos, {audio_secs:.0} s of audio in all; ASR concurrency {concurrency}; ffmpeg niceness {}\n",
+        pc.media.tool_niceness
     );
     println!("| run | wall time (s) | audio s per wall s | vs ASR alone |");
     println!("| --- | ---: | ---: | ---: |");
@@ -200,4 +216,45 @@ async fn main() {
             asr_alone / secs * 100.0
         );
     }
+    println!("\nWhere vidpipe's time went (from its stage_runs rows, seconds after submit):\n");
+    println!("{breakdown}");
+}
+
+/// Prints a phase marker with the wall clock to stderr, so that a CPU
+/// sampler running beside the benchmark can be lined up with its phases.
+fn phase(name: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!("phase {name} {:.1}", now.as_secs_f64());
+}
+
+/// The pipeline's run from its own status rows: per stage, when its first
+/// run started and its last one finished, and the mean run time (which for
+/// transcribe includes waiting for a free ASR request slot). What lies
+/// before the first transcription and after the last one is the pipeline's
+/// own cost on the critical path; gaps in between are the ASR server idle.
+async fn timeline(pool: &sqlx::PgPool, t0: chrono::DateTime<chrono::Utc>) -> String {
+    let rows: Vec<(String, f64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT stage,
+                EXTRACT(EPOCH FROM min(started_at) - $1)::float8,
+                EXTRACT(EPOCH FROM max(finished_at) - $1)::float8,
+                avg(duration_ms)::float8 / 1000.0,
+                count(*)
+           FROM stage_runs WHERE status = 'done' GROUP BY stage
+          ORDER BY min(started_at)",
+    )
+    .bind(t0)
+    .fetch_all(pool)
+    .await
+    .expect("stage_runs");
+    let mut out = String::from(
+        "| stage | runs | first start | last finish | mean run |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for (stage, first, last, mean, n) in rows {
+        out.push_str(&format!(
+            "| {stage} | {n} | {first:.2} | {last:.2} | {mean:.2} |\n"
+        ));
+    }
+    out
 }
