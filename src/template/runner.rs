@@ -539,14 +539,9 @@ impl LoopState {
         for p in &partitions {
             tpl.add_partition(&self.input_topic, *p);
         }
-        let committed = match consumer.committed_offsets(tpl, BROKER_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                // Without the committed metadata nothing is known to be
-                // done: records are re-run, never lost.
-                warn!(stage = self.stage, error = %e, "cannot read committed offsets");
-                TopicPartitionList::new()
-            }
+        let Some(committed) = self.read_committed(consumer, &tpl) else {
+            // Shutting down: the partitions were never started here.
+            return;
         };
         for p in partitions.iter().copied() {
             let (position, metadata) = committed
@@ -602,6 +597,48 @@ impl LoopState {
             self.paused = false;
         }
         self.backpressure(consumer);
+    }
+
+    /// The committed offsets (and their metadata) of newly assigned
+    /// partitions, waiting for them as long as it takes.
+    ///
+    /// Starting without them is not an option: from offset 0 the stage
+    /// would re-run every record already committed, and its next commit
+    /// would move the group's offset back, so that in exactly-once mode
+    /// the outputs appear twice. That happened when the previous owner
+    /// stopped in the middle of a transaction (the zombie test): the group
+    /// coordinator holds the offsets of a partition with a pending
+    /// transactional commit as unstable until that transaction ends, at
+    /// the latest when the broker aborts it after `transaction.timeout.ms`,
+    /// and librdkafka's read gave up first. The loop waits here (other
+    /// partitions wait too; heartbeats go on in librdkafka's threads) and
+    /// stops waiting only for shutdown.
+    fn read_committed<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) -> Option<TopicPartitionList> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let problem = match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
+                Ok(c) => match c.elements().iter().find_map(|e| e.error().err()) {
+                    None => return Some(c),
+                    Some(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            counter!("vidpipe_offset_read_retries_total", "stage" => self.stage).increment(1);
+            warn!(
+                stage = self.stage,
+                error = %problem,
+                "cannot read the committed offsets of assigned partitions (a previous owner's transaction may still be open): retrying"
+            );
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Takes the partition's lease for database writes (fencing zombies).
