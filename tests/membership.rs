@@ -182,3 +182,97 @@ async fn a_paused_instance_that_regains_its_partitions_consumes_again() {
     h.assert_exactly_once().await;
     h.assert_status_terminal().await;
 }
+
+/// A partition whose committed offset is unstable (another member's
+/// transaction holds offsets for it, and that member is gone without
+/// ending it) while its owner has to re-read it: here a rewind after the
+/// owner's partition lease was taken. The coordinator answers "unstable"
+/// until the broker aborts the transaction (its timeout, 45 s here), longer
+/// than one read waits (30 s). The owner must wait; it used to start the
+/// partitions over at offset 0, re-running and re-committing every record
+/// (duplicate outputs; the zombie test met this by chance).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewind_waits_for_offsets_held_by_an_abandoned_transaction() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, Producer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    const RECORDS: i64 = 2_000;
+    let h = Harness::new("unstable", Guarantee::ExactlyOnce, 2, RECORDS, 100).await;
+    // Slow enough that the stage is mid-way when the lease is taken.
+    let env = [("COPY_DELAY_MS", "50"), ("VIDPIPE_RUNNER__IN_FLIGHT", "4")];
+    let probe = h.probe();
+    let topic = h.c.topic("in");
+    let group = format!("{}copy", h.c.topic_prefix);
+    let mut owner = tokio::task::block_in_place(|| {
+        let mut owner = h.spawn("owner", &env, None);
+        h.wait_committed(&probe, 200, &mut [&mut owner], Duration::from_secs(120));
+        owner
+    });
+    // Another member joins (taking one partition), opens a transaction
+    // with an offset for the owner's other partition, and disappears
+    // without ending it.
+    let (abandoned, kept) = tokio::task::block_in_place(|| {
+        let member: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &h.c.kafka_brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create()
+            .unwrap();
+        member.subscribe(&[&topic]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let taken = loop {
+            let _ = member.poll(Duration::from_millis(100));
+            if let Some(e) = member.assignment().unwrap().elements().first() {
+                break e.partition();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the second member got no partition"
+            );
+        };
+        let kept = 1 - taken;
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &h.c.kafka_brokers)
+            .set("transactional.id", format!("{group}-abandoned"))
+            .set("transaction.timeout.ms", "45000")
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&topic, kept, Offset::Offset(1))
+            .unwrap();
+        producer
+            .send_offsets_to_transaction(
+                &offsets,
+                &member.group_metadata().unwrap(),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        // Leaving gives the partition back to the owner; the transaction
+        // stays open (the producer is kept alive and never ends it).
+        drop(member);
+        (producer, kept)
+    });
+    // The owner's lease on that partition is taken: its next write there is
+    // refused, and it rewinds every partition to the committed offsets.
+    sqlx::query(
+        "UPDATE partition_leases SET epoch = epoch + 1, owner = 'intruder' WHERE partition = $1",
+    )
+    .bind(kept)
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| {
+        h.wait_committed(&probe, RECORDS, &mut [&mut owner], Duration::from_secs(240));
+        signal(&owner, "TERM");
+        let status = owner.wait().unwrap();
+        assert!(status.success(), "SIGTERM shuts down cleanly, got {status}");
+    });
+    drop(abandoned);
+    h.assert_exactly_once().await;
+    h.assert_status_terminal().await;
+}
