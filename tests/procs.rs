@@ -41,7 +41,48 @@ fn child_binary() -> std::path::PathBuf {
         "{} is missing: cargo test builds it",
         path.display()
     );
+    // `cargo test --test tests` builds the test binary but not the
+    // examples: after a change to the runner, the children would run the
+    // old code and the tests would say nothing about the new one.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if let Some(newer) = newest_source(&root.join("src"))
+        .into_iter()
+        .chain(newest_source(&root.join("examples")))
+        .find(|(modified, _)| *modified > built)
+    {
+        panic!(
+            "{} is older than {}: run `cargo build --examples` (or the whole `cargo test`) first",
+            path.display(),
+            newer.1.display()
+        );
+    }
     path
+}
+
+/// The most recently modified `.rs` file under `dir`.
+fn newest_source(dir: &std::path::Path) -> Option<(std::time::SystemTime, std::path::PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let found = if path.is_dir() {
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        } else {
+            None
+        };
+        if let Some(f) = found
+            && newest.as_ref().is_none_or(|n| f.0 > n.0)
+        {
+            newest = Some(f);
+        }
+    }
+    newest
 }
 
 /// A child process that is killed when dropped, so that a failing test
