@@ -58,6 +58,10 @@ const POLL_BATCH: usize = 256;
 /// Longest time the loop goes without polling the consumer.
 const MAX_POLL_GAP: Duration = Duration::from_millis(50);
 
+/// Longest sleep of an idle loop: the shutdown signal and the lag report are
+/// noticed within it.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 /// Why a runner could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -215,6 +219,10 @@ struct LoopState {
     dirty: bool,
     /// The open transaction hit an error and must be aborted.
     txn_failed: bool,
+    /// Exactly-once: when the open transaction got its first record (a
+    /// `started` event, say) while no record had finished. It must be
+    /// committed within the transaction timeout, but not in a hurry.
+    txn_opened: Option<Instant>,
     /// Deliveries awaited per record (at-least-once).
     awaiting: HashMap<(i32, u64, i64), usize>,
     /// Workers dispatched and not yet reported.
@@ -379,6 +387,7 @@ pub async fn run<S: Stage>(
         next_instance: 0,
         dirty: false,
         txn_failed: false,
+        txn_opened: None,
         awaiting: HashMap::new(),
         running: 0,
         lease_lost: false,
@@ -413,7 +422,7 @@ pub async fn run<S: Stage>(
 }
 
 fn event_loop(
-    consumer: BaseConsumer<RebalanceHook>,
+    mut consumer: BaseConsumer<RebalanceHook>,
     state: Arc<Mutex<LoopState>>,
     mut rx: mpsc::Receiver<WorkerMsg>,
     input_topic: &str,
@@ -427,10 +436,18 @@ fn event_loop(
             s.producer.begin_transaction()?;
         }
     }
+    // The loop sleeps until something happens (see `LoopState::wait`):
+    // records or a rebalance arriving wake it through the consumer queue's
+    // callback, finished workers by unparking it themselves. A slow stage's
+    // loop (a transcription runs for seconds) then sleeps instead of polling
+    // a thousand times a second, which on a small machine preempted the very
+    // work it waits for.
+    let this = std::thread::current();
+    consumer.set_nonempty_callback(move || this.unpark());
     consumer.subscribe(&[input_topic])?;
     let stage = lock(&state).stage;
     info!(stage, topic = input_topic, "runner started");
-    let mut next_commit = Instant::now() + commit_interval;
+    let mut last_commit = Instant::now();
     let mut next_lag = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
     let mut last_poll = Instant::now();
@@ -460,18 +477,9 @@ fn event_loop(
                 break;
             }
         }
-        // Short polls while anything is pending (workers running, records
-        // waiting for a worker, deliveries awaited, partitions paused), so
-        // that results, delivery reports and resumes are handled promptly:
-        // the consumer's poll does not wake up for them. Longer ones when
-        // idle. (Waiting 100 ms per loop for delivery reports held
-        // at-least-once mode at ~1,500 records/s.)
-        let (pending, starved) = {
+        let starved = {
             let s = lock(&state);
-            (
-                s.running > 0 || !s.ready.is_empty() || !s.awaiting.is_empty() || s.paused,
-                s.ready.len() < s.in_flight_limit,
-            )
+            s.ready.len() < s.in_flight_limit
         };
         // Records are taken from the consumer when the workers are about to
         // need them. While enough are queued for them, the loop waits for
@@ -482,18 +490,16 @@ fn event_loop(
         // every MAX_POLL_GAP, for rebalances and `max.poll.interval.ms`:
         // with a slow stage the buffer then fills and pauses as before.
         let take = starved || last_poll.elapsed() >= MAX_POLL_GAP;
-        if !take {
-            std::thread::park_timeout(Duration::from_millis(1));
-        }
-        let mut timeout = Duration::from_millis(if pending { 1 } else { 100 });
         // Up to a batch of the records librdkafka already holds, then the
         // bookkeeping below once for all of them. The state is locked per
         // record, not across `poll`: a rebalance callback inside `poll`
-        // locks it too.
+        // locks it too. No waiting here: the wait is below, and whatever
+        // happens wakes it.
+        let mut taken = 0;
         for _ in 0..if take { POLL_BATCH } else { 0 } {
             last_poll = Instant::now();
-            let message = consumer.poll(timeout);
-            timeout = Duration::ZERO;
+            let message = consumer.poll(Duration::ZERO);
+            taken += 1;
             let mut s = lock(&state);
             s.take_assignments(&consumer);
             match message {
@@ -515,13 +521,35 @@ fn event_loop(
         if drain_deadline.is_none() {
             s.backpressure(&consumer);
         }
-        if Instant::now() >= next_commit {
+        // At most one commit per interval, but as soon as there is something
+        // to commit and the last one is an interval old. A fixed timer made
+        // every finished record wait half an interval on average before the
+        // next stage could see it (read_committed): with media records
+        // nearly every commit is of that kind, and the pipeline's hops add
+        // up. Under a steady flow of records this commits every interval,
+        // as before.
+        if s.commit_due(last_commit.elapsed(), commit_interval) {
             s.commit(&consumer);
-            next_commit = Instant::now() + commit_interval;
+            last_commit = Instant::now();
         }
         if Instant::now() >= next_lag {
             s.report_lag(&consumer);
             next_lag = Instant::now() + Duration::from_secs(10);
+        }
+        // A full batch may have left records in librdkafka's queue, and a
+        // queue that stays non-empty does not call back again: go round at
+        // once. Otherwise sleep until woken or something falls due.
+        if taken < POLL_BATCH {
+            let wait = s.wait(
+                last_commit.elapsed(),
+                commit_interval,
+                (!take).then(|| MAX_POLL_GAP.saturating_sub(last_poll.elapsed())),
+                drain_deadline.is_some(),
+            );
+            drop(s);
+            if !wait.is_zero() {
+                std::thread::park_timeout(wait);
+            }
         }
     }
     consumer.unsubscribe();
@@ -820,8 +848,8 @@ impl LoopState {
                     // if no record finished (a long record's `started` event
                     // would otherwise hold it open until the broker aborts it
                     // and fences this producer).
-                    if self.guarantee == Guarantee::ExactlyOnce {
-                        self.dirty = true;
+                    if self.guarantee == Guarantee::ExactlyOnce && self.txn_opened.is_none() {
+                        self.txn_opened = Some(Instant::now());
                     }
                     return;
                 }
@@ -944,6 +972,49 @@ impl LoopState {
         tpl
     }
 
+    /// How long the loop may sleep when nothing wakes it. Records arriving
+    /// and rebalances wake it (the consumer queue's callback), so do workers
+    /// finishing (they unpark it). Delivery reports do not (they are served
+    /// by polling the producer): while some are awaited, and while draining
+    /// for shutdown, it looks every millisecond. Otherwise until the next
+    /// commit falls due or the consumer must be polled (`poll_within`), and
+    /// at most IDLE_WAIT.
+    fn wait(
+        &self,
+        since_commit: Duration,
+        interval: Duration,
+        poll_within: Option<Duration>,
+        draining: bool,
+    ) -> Duration {
+        if !self.awaiting.is_empty() || draining {
+            return Duration::from_millis(1);
+        }
+        let mut wait = poll_within.unwrap_or(IDLE_WAIT).min(IDLE_WAIT);
+        if self.dirty || self.txn_failed {
+            wait = wait.min(interval.saturating_sub(since_commit));
+        }
+        if let Some(opened) = self.txn_opened {
+            let due = interval
+                .saturating_sub(since_commit)
+                .max(interval.saturating_sub(opened.elapsed()));
+            wait = wait.min(due);
+        }
+        wait
+    }
+
+    /// Whether a commit has anything to do now, `since_commit` after the
+    /// last one: finished records (offsets to move, outputs to make
+    /// visible) once an interval has passed since the last commit; a
+    /// transaction holding only `started` events once it is itself an
+    /// interval old (committing it at once would make the record's own
+    /// result, a moment later, wait a whole interval).
+    fn commit_due(&self, since_commit: Duration, interval: Duration) -> bool {
+        since_commit >= interval
+            && (self.dirty
+                || self.txn_failed
+                || self.txn_opened.is_some_and(|t| t.elapsed() >= interval))
+    }
+
     /// Commits finished work: offsets (and, in exactly-once mode, the
     /// transaction holding the outputs).
     fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
@@ -954,7 +1025,7 @@ impl LoopState {
                     self.abort_and_rewind(consumer, false);
                     return;
                 }
-                if !self.dirty {
+                if !self.dirty && self.txn_opened.is_none() {
                     return;
                 }
                 let Some(group) = consumer.group_metadata() else {
@@ -968,6 +1039,7 @@ impl LoopState {
                 match result {
                     Ok(()) => {
                         self.dirty = false;
+                        self.txn_opened = None;
                         if let Err(e) = self.producer.begin_transaction() {
                             error!(stage = self.stage, error = %e, "cannot begin transaction");
                             self.abort_and_rewind(consumer, true);
@@ -1050,6 +1122,7 @@ impl LoopState {
         }
         self.txn_failed = false;
         self.dirty = false;
+        self.txn_opened = None;
         self.rewind(consumer, false);
     }
 
@@ -1124,6 +1197,7 @@ impl LoopState {
                 let _ = self.producer.abort_transaction(BROKER_TIMEOUT);
                 let _ = self.producer.begin_transaction();
                 self.dirty = false;
+                self.txn_opened = None;
                 self.txn_failed = false;
             }
         } else {
