@@ -8,7 +8,9 @@
 //!   rebalances. librdkafka's transactional and commit calls block; on their
 //!   own thread they never stall the async executor, and the rebalance
 //!   callback (which librdkafka calls from inside `poll`) can commit
-//!   synchronously before partitions change hands.
+//!   synchronously before partitions change hands. The periodic
+//!   exactly-once commit runs on a short-lived thread of its own, so the
+//!   loop keeps feeding workers meanwhile (see `begin_commit`).
 //! - *workers*, async tasks on the Tokio runtime, one per running record:
 //!   decode, status rows, the stage itself with retries and backoff, encode.
 //!   They never touch Kafka: they send their encoded records back to the
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -134,6 +136,25 @@ enum WorkerMsg {
 /// Identifies a record whose deliveries are awaited (at-least-once).
 type Token = Option<(i32, u64, i64)>;
 
+/// Exactly-once: what a worker reported while a commit was under way.
+/// librdkafka refuses to produce while a transaction commits, so these wait
+/// for the next transaction, in the order they came.
+enum Held {
+    Produce(Out),
+    Done {
+        partition: i32,
+        instance: u64,
+        offset: i64,
+        outs: Vec<Out>,
+    },
+}
+
+/// An exactly-once commit under way on its own thread.
+struct Committing {
+    started: Instant,
+    result: std::sync::mpsc::Receiver<KafkaResult<()>>,
+}
+
 /// Producer context collecting delivery reports for the loop.
 #[derive(Default)]
 struct Deliveries {
@@ -210,7 +231,12 @@ struct LoopState {
     input_topic: String,
     instance_id: String,
     producer_config: ClientConfig,
-    producer: BaseProducer<Deliveries>,
+    /// Shared with the thread that commits a transaction (exactly-once).
+    producer: Arc<BaseProducer<Deliveries>>,
+    /// The exactly-once commit under way, if any (see `begin_commit`).
+    committing: Option<Committing>,
+    /// Worker reports that arrived while it was under way.
+    held: VecDeque<Held>,
     partitions: HashMap<i32, Partition>,
     pending_assign: Vec<i32>,
     dispatch: Dispatch,
@@ -380,7 +406,9 @@ pub async fn run<S: Stage>(
         input_topic: input_topic.clone(),
         instance_id: settings.instance.clone(),
         producer_config,
-        producer,
+        producer: Arc::new(producer),
+        committing: None,
+        held: VecDeque::new(),
         partitions: HashMap::new(),
         pending_assign: Vec::new(),
         dispatch,
@@ -512,12 +540,17 @@ fn event_loop(
             }
         }
         let mut s = lock(&state);
+        s.settle_commit(&consumer, false);
         s.drain_messages(&mut rx);
         if drain_deadline.is_none() {
             s.reclaim(&consumer);
         }
-        s.producer.poll(Duration::ZERO);
-        s.take_deliveries(&consumer);
+        // While a commit is under way its thread serves the producer's
+        // events (librdkafka's commit flushes).
+        if s.committing.is_none() {
+            s.producer.poll(Duration::ZERO);
+            s.take_deliveries(&consumer);
+        }
         if drain_deadline.is_none() {
             s.backpressure(&consumer);
         }
@@ -529,7 +562,10 @@ fn event_loop(
         // up. Under a steady flow of records this commits every interval,
         // as before.
         if s.commit_due(last_commit.elapsed(), commit_interval) {
-            s.commit(&consumer);
+            match s.guarantee {
+                Guarantee::ExactlyOnce => s.begin_commit(&consumer),
+                Guarantee::AtLeastOnce => s.commit(&consumer),
+            }
             last_commit = Instant::now();
         }
         if Instant::now() >= next_lag {
@@ -742,6 +778,9 @@ impl LoopState {
     fn drain_messages(&mut self, rx: &mut mpsc::Receiver<WorkerMsg>) {
         while let Ok(msg) = rx.try_recv() {
             match msg {
+                WorkerMsg::Produce(out) if self.committing.is_some() => {
+                    self.held.push_back(Held::Produce(out));
+                }
                 WorkerMsg::Produce(out) => self.produce(out, None),
                 WorkerMsg::Done {
                     partition,
@@ -775,14 +814,19 @@ impl LoopState {
                         continue;
                     }
                     match self.guarantee {
+                        // Its offset stays unfinished until the outputs are
+                        // in a transaction: the commit under way does not
+                        // include it.
+                        Guarantee::ExactlyOnce if self.committing.is_some() => {
+                            self.held.push_back(Held::Done {
+                                partition,
+                                instance,
+                                offset,
+                                outs,
+                            });
+                        }
                         Guarantee::ExactlyOnce => {
-                            for out in outs {
-                                self.produce(out, None);
-                            }
-                            if let Some(part) = self.partitions.get_mut(&partition) {
-                                part.offsets.complete(offset);
-                            }
-                            self.dirty = true;
+                            self.done_exactly_once(partition, instance, offset, outs)
                         }
                         Guarantee::AtLeastOnce if outs.is_empty() => {
                             part.offsets.complete(offset);
@@ -800,6 +844,20 @@ impl LoopState {
             }
         }
         self.fill();
+    }
+
+    /// A record finished in exactly-once mode: its outputs go into the open
+    /// transaction, and its offset with them at the next commit.
+    fn done_exactly_once(&mut self, partition: i32, instance: u64, offset: i64, outs: Vec<Out>) {
+        for out in outs {
+            self.produce(out, None);
+        }
+        if let Some(part) = self.partitions.get_mut(&partition)
+            && part.instance == instance
+        {
+            part.offsets.complete(offset);
+        }
+        self.dirty = true;
     }
 
     /// Runs `job` now if a worker is free, else queues it.
@@ -1009,18 +1067,149 @@ impl LoopState {
     /// interval old (committing it at once would make the record's own
     /// result, a moment later, wait a whole interval).
     fn commit_due(&self, since_commit: Duration, interval: Duration) -> bool {
-        since_commit >= interval
+        self.committing.is_none()
+            && since_commit >= interval
             && (self.dirty
                 || self.txn_failed
                 || self.txn_opened.is_some_and(|t| t.elapsed() >= interval))
     }
 
-    /// Commits finished work: offsets (and, in exactly-once mode, the
-    /// transaction holding the outputs).
+    /// Exactly-once, periodic: starts committing the open transaction on a
+    /// thread of its own and returns. The loop goes on taking records and
+    /// starting workers; what workers report meanwhile is held (librdkafka
+    /// refuses to produce while a transaction commits) and produced into the
+    /// next transaction once this one is committed (`settle_commit`). A
+    /// commit on the loop held every finished worker, and so the next
+    /// records, for a third of the time at a 100 ms interval.
+    fn begin_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if self.committing.is_some() {
+            return;
+        }
+        if self.txn_failed {
+            self.abort_and_rewind(consumer, false);
+            return;
+        }
+        if !self.dirty && self.txn_opened.is_none() {
+            return;
+        }
+        let Some(group) = consumer.group_metadata() else {
+            return;
+        };
+        let offsets = self.commit_list();
+        let producer = self.producer.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let wake = std::thread::current();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vidpipe-{}-commit", self.stage))
+            .spawn(move || {
+                let result = producer
+                    .send_offsets_to_transaction(&offsets, &group, BROKER_TIMEOUT)
+                    .and_then(|()| producer.commit_transaction(BROKER_TIMEOUT));
+                let _ = tx.send(result);
+                wake.unpark();
+            });
+        match spawned {
+            Ok(_) => {
+                self.committing = Some(Committing {
+                    started: Instant::now(),
+                    result: rx,
+                });
+                self.dirty = false;
+                self.txn_opened = None;
+            }
+            Err(e) => {
+                warn!(stage = self.stage, error = %e, "cannot start a commit thread: committing on the loop");
+                self.commit(consumer);
+            }
+        }
+    }
+
+    /// Exactly-once: takes the outcome of the commit under way, if any,
+    /// waiting for it when `block`. Once committed, the next transaction
+    /// begins and the held reports are produced into it, in order. If the
+    /// commit failed, the transaction is aborted and every partition rewound
+    /// (the held reports are dropped: their records run again). Returns
+    /// false if it failed, or is still under way and `block` is false.
+    fn settle_commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        block: bool,
+    ) -> bool {
+        let Some(committing) = &self.committing else {
+            return true;
+        };
+        // A commit thread that ended without an answer (it panicked) leaves
+        // the transaction's fate unknown: abort it.
+        let gone = || Err(KafkaError::Canceled);
+        let result = if block {
+            committing.result.recv().unwrap_or_else(|_| gone())
+        } else {
+            match committing.result.try_recv() {
+                Ok(result) => result,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => gone(),
+            }
+        };
+        let started = committing.started;
+        self.committing = None;
+        let took = started.elapsed();
+        self.metrics.commit_seconds.record(took.as_secs_f64());
+        debug!(
+            stage = self.stage,
+            took_ms = took.as_secs_f64() * 1e3,
+            "committed"
+        );
+        match result {
+            Ok(()) => {
+                if let Err(e) = self.producer.begin_transaction() {
+                    error!(stage = self.stage, error = %e, "cannot begin transaction");
+                    self.abort_and_rewind(consumer, true);
+                    return false;
+                }
+                for held in std::mem::take(&mut self.held) {
+                    match held {
+                        Held::Produce(out) => self.produce(out, None),
+                        Held::Done {
+                            partition,
+                            instance,
+                            offset,
+                            outs,
+                        } => self.done_exactly_once(partition, instance, offset, outs),
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.commit_failed(consumer, e);
+                false
+            }
+        }
+    }
+
+    /// An exactly-once commit failed: abort and rewind, with a new producer
+    /// if this one is fenced or broken.
+    fn commit_failed<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, e: KafkaError) {
+        match e {
+            KafkaError::Transaction(e) if e.is_fatal() => {
+                warn!(stage = self.stage, error = %e, "producer fenced or failed: recreating it");
+                self.abort_and_rewind(consumer, true);
+            }
+            e => {
+                warn!(stage = self.stage, error = %e, "transaction commit failed: aborting and rewinding");
+                self.abort_and_rewind(consumer, false);
+            }
+        }
+    }
+
+    /// Commits finished work and waits for the broker: offsets (and, in
+    /// exactly-once mode, the transaction holding the outputs).
     fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let started = Instant::now();
         match self.guarantee {
             Guarantee::ExactlyOnce => {
+                if !self.settle_commit(consumer, true) {
+                    return;
+                }
                 if self.txn_failed {
                     self.abort_and_rewind(consumer, false);
                     return;
@@ -1045,13 +1234,9 @@ impl LoopState {
                             self.abort_and_rewind(consumer, true);
                         }
                     }
-                    Err(KafkaError::Transaction(e)) if e.is_fatal() => {
-                        warn!(stage = self.stage, error = %e, "producer fenced or failed: recreating it");
-                        self.abort_and_rewind(consumer, true);
-                    }
                     Err(e) => {
-                        warn!(stage = self.stage, error = %e, "transaction commit failed: aborting and rewinding");
-                        self.abort_and_rewind(consumer, false);
+                        self.commit_failed(consumer, e);
+                        return;
                     }
                 }
             }
@@ -1083,6 +1268,11 @@ impl LoopState {
     }
 
     fn abort_and_rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, recreate: bool) {
+        // A commit under way ends first (a failed one aborts and rewinds by
+        // itself); what it held is aborted below with the next transaction.
+        if !self.settle_commit(consumer, true) {
+            return;
+        }
         counter!("vidpipe_transaction_aborts_total", "stage" => self.stage).increment(1);
         let mut recreate = recreate;
         if !recreate {
@@ -1109,7 +1299,7 @@ impl LoopState {
                 .create_with_context::<_, BaseProducer<Deliveries>>(Deliveries::default())
             {
                 Ok(p) => {
-                    self.producer = p;
+                    self.producer = Arc::new(p);
                     if let Err(e) = self.producer.init_transactions(BROKER_TIMEOUT) {
                         error!(stage = self.stage, error = %e, "cannot initialise transactions");
                     }
@@ -1123,6 +1313,7 @@ impl LoopState {
         self.txn_failed = false;
         self.dirty = false;
         self.txn_opened = None;
+        self.held.clear();
         self.rewind(consumer, false);
     }
 
@@ -1190,6 +1381,7 @@ impl LoopState {
     /// Partitions are being taken away: commit what is finished, then
     /// forget them (their unfinished records run on the new owner).
     fn revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
+        self.settle_commit(consumer, true);
         if consumer.assignment_lost() {
             // Our membership is gone: a commit would be refused, and the
             // open transaction would be fenced. Abort it.
