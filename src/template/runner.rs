@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use rand::Rng;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
@@ -186,6 +188,19 @@ fn flush(producer: &BaseProducer<Deliveries>, timeout: Duration) -> KafkaResult<
         producer.poll(Duration::from_millis(1));
     }
     Ok(())
+}
+
+/// Commits the open transaction with the input `offsets`: the offsets
+/// first, then every outstanding output acknowledged, then the commit.
+fn commit_transaction(
+    producer: &BaseProducer<Deliveries>,
+    offsets: &TopicPartitionList,
+    group: &ConsumerGroupMetadata,
+) -> KafkaResult<()> {
+    producer
+        .send_offsets_to_transaction(offsets, group, BROKER_TIMEOUT)
+        .and_then(|()| flush(producer, BROKER_TIMEOUT))
+        .and_then(|()| producer.commit_transaction(BROKER_TIMEOUT))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1110,28 +1125,16 @@ impl LoopState {
         if self.committing.is_some() {
             return;
         }
-        if self.txn_failed {
-            self.abort_and_rewind(consumer, false);
-            return;
-        }
-        if !self.dirty && self.txn_opened.is_none() {
-            return;
-        }
-        let Some(group) = consumer.group_metadata() else {
+        let Some((offsets, group)) = self.transaction_to_commit(consumer) else {
             return;
         };
-        let offsets = self.commit_list();
         let producer = self.producer.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let wake = std::thread::current();
         let spawned = std::thread::Builder::new()
             .name(format!("vidpipe-{}-commit", self.stage))
             .spawn(move || {
-                let result = producer
-                    .send_offsets_to_transaction(&offsets, &group, BROKER_TIMEOUT)
-                    .and_then(|()| flush(&producer, BROKER_TIMEOUT))
-                    .and_then(|()| producer.commit_transaction(BROKER_TIMEOUT));
-                let _ = tx.send(result);
+                let _ = tx.send(commit_transaction(&producer, &offsets, &group));
                 wake.unpark();
             });
         match spawned {
@@ -1140,14 +1143,46 @@ impl LoopState {
                     started: Instant::now(),
                     result: rx,
                 });
-                self.dirty = false;
-                self.txn_opened = None;
             }
             Err(e) => {
+                // Nothing was sent: the transaction is still open with
+                // everything in it, and the offsets are taken again.
                 warn!(stage = self.stage, error = %e, "cannot start a commit thread: committing on the loop");
+                self.dirty = true;
                 self.commit(consumer);
             }
         }
+    }
+
+    /// Exactly-once: the offsets and group metadata to commit the open
+    /// transaction with, if it needs committing (a failed one is aborted
+    /// here instead). From here on the transaction counts as committed
+    /// until told otherwise.
+    fn transaction_to_commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Option<(TopicPartitionList, ConsumerGroupMetadata)> {
+        if self.txn_failed {
+            self.abort_and_rewind(consumer, false);
+            return None;
+        }
+        if !self.dirty && self.txn_opened.is_none() {
+            return None;
+        }
+        let group = consumer.group_metadata()?;
+        self.dirty = false;
+        self.txn_opened = None;
+        Some((self.commit_list(), group))
+    }
+
+    /// Exactly-once: the transaction committed; the next one begins.
+    fn begin_next_transaction<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        if let Err(e) = self.producer.begin_transaction() {
+            error!(stage = self.stage, error = %e, "cannot begin transaction");
+            self.abort_and_rewind(consumer, true);
+            return false;
+        }
+        true
     }
 
     /// Exactly-once: takes the outcome of the commit under way, if any,
@@ -1178,18 +1213,10 @@ impl LoopState {
         };
         let started = committing.started;
         self.committing = None;
-        let took = started.elapsed();
-        self.metrics.commit_seconds.record(took.as_secs_f64());
-        debug!(
-            stage = self.stage,
-            took_ms = took.as_secs_f64() * 1e3,
-            "committed"
-        );
+        self.record_commit(started);
         match result {
             Ok(()) => {
-                if let Err(e) = self.producer.begin_transaction() {
-                    error!(stage = self.stage, error = %e, "cannot begin transaction");
-                    self.abort_and_rewind(consumer, true);
+                if !self.begin_next_transaction(consumer) {
                     return false;
                 }
                 for held in std::mem::take(&mut self.held) {
@@ -1236,30 +1263,12 @@ impl LoopState {
                 if !self.settle_commit(consumer, true) {
                     return;
                 }
-                if self.txn_failed {
-                    self.abort_and_rewind(consumer, false);
-                    return;
-                }
-                if !self.dirty && self.txn_opened.is_none() {
-                    return;
-                }
-                let Some(group) = consumer.group_metadata() else {
+                let Some((offsets, group)) = self.transaction_to_commit(consumer) else {
                     return;
                 };
-                let tpl = self.commit_list();
-                let result = self
-                    .producer
-                    .send_offsets_to_transaction(&tpl, &group, BROKER_TIMEOUT)
-                    .and_then(|()| flush(&self.producer, BROKER_TIMEOUT))
-                    .and_then(|()| self.producer.commit_transaction(BROKER_TIMEOUT));
-                match result {
+                match commit_transaction(&self.producer, &offsets, &group) {
                     Ok(()) => {
-                        self.dirty = false;
-                        self.txn_opened = None;
-                        if let Err(e) = self.producer.begin_transaction() {
-                            error!(stage = self.stage, error = %e, "cannot begin transaction");
-                            self.abort_and_rewind(consumer, true);
-                        }
+                        self.begin_next_transaction(consumer);
                     }
                     Err(e) => {
                         self.commit_failed(consumer, e);
@@ -1285,6 +1294,11 @@ impl LoopState {
                 }
             }
         }
+        self.record_commit(started);
+    }
+
+    /// The commit latency metric, and a debug line.
+    fn record_commit(&self, started: Instant) {
         let took = started.elapsed();
         self.metrics.commit_seconds.record(took.as_secs_f64());
         debug!(
