@@ -146,6 +146,29 @@ fn read_topic(
     out
 }
 
+/// `per_video` records for each of `videos` videos into the input topic,
+/// interleaved as they would be in a partition (every video's first
+/// record, then every second one...). Returns how many.
+async fn produce_interleaved(
+    c: &Config,
+    codec: &Arc<Codec>,
+    videos: usize,
+    per_video: i64,
+) -> usize {
+    let mut items = Vec::new();
+    for seq in 0..per_video {
+        for v in 0..videos {
+            items.push(item(&format!("video-{v}"), seq, "ok"));
+        }
+    }
+    let raw = encode_items(c, codec, &items).await;
+    let cc = c.clone();
+    tokio::task::spawn_blocking(move || produce_raw(&cc, raw))
+        .await
+        .unwrap();
+    items.len()
+}
+
 fn item(video: &str, seq: i64, body: &str) -> Item {
     Item {
         meta: Meta::new(video),
@@ -194,18 +217,7 @@ async fn records_of_one_video_run_in_order_while_videos_run_in_parallel() {
     let c = test_config(Guarantee::ExactlyOnce);
     prepare_topics(&c).await;
     let codec = Codec::new(c.schema_registry_url.as_deref()).expect("codec");
-    // 200 videos x 5 records, interleaved as they would be in a partition.
-    let mut items = Vec::new();
-    for seq in 0..5 {
-        for v in 0..200 {
-            items.push(item(&format!("video-{v}"), seq, "ok"));
-        }
-    }
-    let raw = encode_items(&c, &codec, &items).await;
-    let cc = c.clone();
-    tokio::task::spawn_blocking(move || produce_raw(&cc, raw))
-        .await
-        .unwrap();
+    produce_interleaved(&c, &codec, 200, 5).await;
 
     let probe = Arc::new(Probe {
         max_sleep_ms: 20,
@@ -245,6 +257,44 @@ async fn records_of_one_video_run_in_order_while_videos_run_in_parallel() {
         "1000 records, mean sleep 10 ms: wall {:.2}s (sequential ~10s), peak concurrency {peak}",
         wall.as_secs_f64()
     );
+}
+
+/// Exactly-once: records that finish while a transaction commit is under
+/// way have their outputs held and produced into the next transaction.
+/// With a stage that takes no time, several records of one video finish
+/// within one commit: their outputs must still come out in input order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outputs_held_across_a_commit_keep_each_videos_order() {
+    let c = test_config(Guarantee::ExactlyOnce);
+    prepare_topics(&c).await;
+    let codec = Codec::new(c.schema_registry_url.as_deref()).expect("codec");
+    let (videos, per_video) = (50, 40);
+    let want = produce_interleaved(&c, &codec, videos, per_video).await;
+
+    let probe = Arc::new(Probe::default());
+    let runner = start(probe.clone(), &c, codec.clone(), None, true);
+    let cc = c.clone();
+    let out =
+        tokio::task::spawn_blocking(move || read_topic(&cc, "out", want, Duration::from_secs(120)))
+            .await
+            .unwrap();
+    runner.stop().await;
+
+    assert_eq!(out.len(), want, "every record produces one output");
+    let dec = codec.decoder(Item::SCHEMA).expect("decoder");
+    let mut seqs: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in &out {
+        let item: Item = dec
+            .decode(m.payload().unwrap_or_default())
+            .await
+            .expect("output decodes");
+        seqs.entry(item.meta.video_id).or_default().push(item.seq);
+    }
+    assert_eq!(seqs.len(), videos);
+    let in_order: Vec<i64> = (0..per_video).collect();
+    for (v, s) in &seqs {
+        assert_eq!(s, &in_order, "outputs of {v} are out of order");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
