@@ -878,15 +878,22 @@ impl LoopState {
     }
 
     /// A record finished in exactly-once mode: its outputs go into the open
-    /// transaction, and its offset with them at the next commit.
+    /// transaction, and its offset with them at the next commit. A record
+    /// of an ownership that has ended since (it was held across a commit)
+    /// is dropped whole, outputs included: its next owner runs it.
     fn done_exactly_once(&mut self, partition: i32, instance: u64, offset: i64, outs: Vec<Out>) {
+        let Some(part) = self
+            .partitions
+            .get_mut(&partition)
+            .filter(|p| p.instance == instance)
+        else {
+            return;
+        };
+        // Marked before the outputs are sent, which changes nothing: no
+        // commit comes in between, and a failed send fails the transaction.
+        part.offsets.complete(offset);
         for out in outs {
             self.produce(out, None);
-        }
-        if let Some(part) = self.partitions.get_mut(&partition)
-            && part.instance == instance
-        {
-            part.offsets.complete(offset);
         }
         self.dirty = true;
     }
@@ -901,8 +908,9 @@ impl LoopState {
     /// partition that was revoked or rewound since is dropped: it is not
     /// committed, so its next owner runs it.
     fn fill(&mut self) {
-        // While a commit is under way, at most a worker pool's worth of
-        // finished records is held: enough to keep the workers busy across
+        // While a commit is under way, at most about a worker pool's worth
+        // of finished records is held (two entries each: the `started`
+        // event and the result): enough to keep the workers busy across
         // the commit, and the next transaction stays small. Unbounded, a
         // fast stage held the whole buffer, whose outputs then made the next
         // commit slow in turn (10,000 records per transaction, partitions
@@ -1270,10 +1278,7 @@ impl LoopState {
                     Ok(()) => {
                         self.begin_next_transaction(consumer);
                     }
-                    Err(e) => {
-                        self.commit_failed(consumer, e);
-                        return;
-                    }
+                    Err(e) => self.commit_failed(consumer, e),
                 }
             }
             Guarantee::AtLeastOnce => {
