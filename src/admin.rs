@@ -373,21 +373,7 @@ pub async fn describe(config: &Config) -> Result<Vec<StageTopic>, AdminError> {
 /// current count changes nothing; asking for fewer is refused.
 pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Scaled, AdminError> {
     let topic = input_topic(config, stage)?;
-    let current = {
-        let config = config.clone();
-        let topic = topic.clone();
-        let brokers = config.kafka_brokers.clone();
-        tokio::task::spawn_blocking(move || {
-            let client = consumer(&config, &format!("{}admin", config.topic_prefix))?;
-            partition_count(&config, &client, &topic)
-        })
-        .await
-        .map_err(|e| AdminError::Kafka {
-            brokers,
-            message: format!("the Kafka task did not finish: {e}"),
-        })??
-    };
-    let Some(current) = current else {
+    let Some(current) = read_partition_count(config, &topic).await? else {
         return Err(AdminError::MissingTopic(topic));
     };
     if partitions < current {
@@ -418,11 +404,45 @@ pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Sc
             return Err(AdminError::Refused { topic, code });
         }
     }
+    // The controller has accepted; the brokers' metadata follows a moment
+    // later. Return once it shows the new partitions, so that what runs
+    // next (a scaled consumer, another `topics` command) sees them: a
+    // second command right after this one read the old count and asked
+    // Kafka to "grow" to fewer partitions than it has.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while read_partition_count(config, &topic).await? < Some(partitions) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                topic,
+                partitions,
+                "Kafka accepted the new partitions but its metadata does not show them yet"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(Scaled {
         topic,
         from: current,
         to: partitions,
     })
+}
+
+/// The partition count of `topic` (None if it does not exist), read on the
+/// blocking pool.
+async fn read_partition_count(config: &Config, topic: &str) -> Result<Option<usize>, AdminError> {
+    let config = config.clone();
+    let topic = topic.to_string();
+    let brokers = config.kafka_brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let client = consumer(&config, &format!("{}admin", config.topic_prefix))?;
+        partition_count(&config, &client, &topic)
+    })
+    .await
+    .map_err(|e| AdminError::Kafka {
+        brokers,
+        message: format!("the Kafka task did not finish: {e}"),
+    })?
 }
 
 /// The partitions of `topic` in a member's assignment (Kafka's consumer
