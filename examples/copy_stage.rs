@@ -4,6 +4,7 @@
 //!
 //! Extra variables: `COPY_INSTANCE` (stable instance id), `COPY_DELAY_MS`
 //! (work per record), `COPY_FINAL` (`1`: success finishes the video).
+//! `VIDPIPE_METRICS_LISTEN` serves Prometheus metrics as `vidpipe run` does.
 //! SIGTERM or ctrl-c shut it down gracefully.
 
 use std::sync::Arc;
@@ -39,6 +40,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load()?;
+    // Metrics as `vidpipe run` serves them, for tests that read them.
+    if !config.metrics_listen.is_empty() {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(config.metrics_listen.parse::<std::net::SocketAddr>()?)
+            .install()?;
+    }
     let status = if config.runner.status {
         Some(StatusStore::new(
             db::connect(&config.database_url, 8).await?,

@@ -130,3 +130,27 @@ pub async fn read_all(
     .await
     .expect("reader thread")
 }
+
+/// The series of metric `name` that a process serves at
+/// `http://{addr}/metrics` (Prometheus text format): each one's labels (the
+/// text between the braces) and value.
+pub async fn metric_series(addr: &str, name: &str) -> Vec<(String, f64)> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("http://{addr}/metrics: {e}"))
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            Some((labels.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}

@@ -175,6 +175,14 @@ impl Harness {
     }
 
     async fn produce_input(&self) {
+        self.produce_input_in(0).await;
+    }
+
+    /// Produces the input records (`records` over `videos` keys), in
+    /// `transactions` transactions of about equal size, or without any
+    /// when 0 (a transactional input topic has a commit marker after each
+    /// transaction's records on every partition it wrote to).
+    pub async fn produce_input_in(&self, transactions: usize) {
         let enc = self
             .codec
             .encoder(&self.c.topic("in"), Item::SCHEMA)
@@ -194,16 +202,34 @@ impl Harness {
             .collect();
         let c = self.c.clone();
         tokio::task::spawn_blocking(move || {
-            let producer: BaseProducer = ClientConfig::new()
-                .set("bootstrap.servers", &c.kafka_brokers)
-                .create()
-                .unwrap();
+            let mut config = ClientConfig::new();
+            config.set("bootstrap.servers", &c.kafka_brokers);
+            if transactions > 0 {
+                config.set("transactional.id", unique("input"));
+            }
+            let producer: BaseProducer = config.create().unwrap();
+            let per_transaction = records.len().div_ceil(transactions.max(1)).max(1);
+            if transactions > 0 {
+                producer
+                    .init_transactions(Duration::from_secs(30))
+                    .expect("init_transactions");
+            }
             let topic = c.topic("in");
-            for (k, v) in &records {
-                let mut rec = BaseRecord::to(&topic).key(k).payload(v);
-                while let Err((_, back)) = producer.send(rec) {
-                    rec = back;
-                    producer.poll(Duration::from_millis(10));
+            for chunk in records.chunks(per_transaction) {
+                if transactions > 0 {
+                    producer.begin_transaction().expect("begin_transaction");
+                }
+                for (k, v) in chunk {
+                    let mut rec = BaseRecord::to(&topic).key(k).payload(v);
+                    while let Err((_, back)) = producer.send(rec) {
+                        rec = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+                if transactions > 0 {
+                    producer
+                        .commit_transaction(Duration::from_secs(30))
+                        .expect("commit_transaction");
                 }
             }
             producer.flush(Duration::from_secs(30)).unwrap();

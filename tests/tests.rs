@@ -19,6 +19,7 @@ mod crash;
 mod fetch;
 mod ffmpeg;
 mod helpers;
+mod lag;
 mod long;
 mod membership;
 mod pipeline;

@@ -39,6 +39,7 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -59,11 +60,14 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// deliveries and commits are seen to.
 const POLL_BATCH: usize = 256;
 
+/// How often librdkafka reports its statistics, and so how often the
+/// consumer lag gauge is set.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Longest time the loop goes without polling the consumer.
 const MAX_POLL_GAP: Duration = Duration::from_millis(50);
 
-/// Longest sleep of an idle loop: the shutdown signal and the lag report are
-/// noticed within it.
+/// Longest sleep of an idle loop: the shutdown signal is noticed within it.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Why a runner could not start or had to stop.
@@ -218,7 +222,14 @@ struct RebalanceHook {
     state: Arc<Mutex<LoopState>>,
 }
 
-impl ClientContext for RebalanceHook {}
+impl ClientContext for RebalanceHook {
+    /// librdkafka's statistics (every [`STATS_INTERVAL`]), delivered inside
+    /// `poll` on the loop thread like the rebalance callbacks: the lag
+    /// gauge. The default would log them at info level.
+    fn stats(&self, statistics: Statistics) {
+        lock(&self.state).report_lag(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceHook {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -399,6 +410,10 @@ pub async fn run<S: Stage>(
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
+            "statistics.interval.ms",
+            STATS_INTERVAL.as_millis().to_string(),
+        )
+        .set(
             "session.timeout.ms",
             config.runner.session_timeout_ms.to_string(),
         )
@@ -507,7 +522,6 @@ fn event_loop(
     let stage = lock(&state).stage;
     info!(stage, topic = input_topic, "runner started");
     let mut last_commit = Instant::now();
-    let mut next_lag = Instant::now();
     let mut drain_deadline: Option<Instant> = None;
     let mut last_poll = Instant::now();
 
@@ -598,10 +612,6 @@ fn event_loop(
                 Guarantee::AtLeastOnce => s.commit(&consumer),
             }
             last_commit = Instant::now();
-        }
-        if Instant::now() >= next_lag {
-            s.report_lag(&consumer);
-            next_lag = Instant::now() + Duration::from_secs(10);
         }
         // A full batch may have left records in librdkafka's queue, and a
         // queue that stays non-empty does not call back again: go round at
@@ -1460,15 +1470,38 @@ impl LoopState {
         self.partitions.clear();
     }
 
-    fn report_lag<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    /// Sets `vidpipe_consumer_lag` for the owned partitions from
+    /// librdkafka's statistics, which carry each partition's last stable
+    /// offset as of its latest fetch: no request to the broker. (Asking the
+    /// broker for watermarks here, once per partition on the loop thread,
+    /// stalled every stage for seconds each time on a busy machine.)
+    fn report_lag(&self, stats: &Statistics) {
+        let Some(topic) = stats.topics.get(&self.input_topic) else {
+            return;
+        };
         for (p, part) in &self.partitions {
-            if let Ok((_, high)) =
-                consumer.fetch_watermarks(&self.input_topic, *p, Duration::from_secs(1))
-            {
-                let lag = (high - part.offsets.position()).max(0);
-                gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
-                    .set(lag as f64);
+            let Some(s) = topic.partitions.get(p) else {
+                continue;
+            };
+            // read_committed: the last stable offset is as far as this
+            // consumer can read; unknown (negative) before the first fetch.
+            let end = s.ls_offset;
+            if end < 0 {
+                continue;
             }
+            // A transaction's commit marker takes an offset after its last
+            // record, so a caught-up partition of a transactional topic
+            // stands one short of `end`: caught up is nothing unfinished,
+            // nothing prefetched, and the fetcher at the end.
+            let caught_up =
+                part.offsets.in_flight() == 0 && s.fetchq_cnt == 0 && s.next_offset >= end;
+            let lag = if caught_up {
+                0
+            } else {
+                (end - part.offsets.position()).max(0)
+            };
+            gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
+                .set(lag as f64);
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use vidpipe::config::Config;
 use vidpipe::template::topics;
 
-use helpers::{config, missing};
+use helpers::{config, metric_series, missing};
 use legacy::{Expect, Legacy, Names, Publisher};
 
 /// One outage test at a time.
@@ -152,17 +152,11 @@ impl Bridge {
 
     /// Sum of a counter over the series whose labels contain `label`.
     async fn counter_with(&self, name: &str, label: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+        metric_series(&self.metrics, name)
             .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("the bridge's /metrics: {e}"))
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .iter()
+            .filter(|(labels, _)| labels.contains(label))
+            .map(|(_, v)| v)
             .sum()
     }
 }
