@@ -1455,6 +1455,10 @@ impl LoopState {
         for p in partitions {
             if let Some(part) = self.partitions.remove(p) {
                 part.cancel.cancel();
+                // Its lag is the new owner's to report; a stale value here
+                // would count the backlog twice in a sum over instances.
+                gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
+                    .set(0.0);
             }
         }
         self.awaiting.retain(|k, _| !partitions.contains(&k.0));
