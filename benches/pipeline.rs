@@ -21,6 +21,8 @@ use vidpipe::stages::{self, Services};
 use vidpipe::template::testkit::spoken_video;
 
 const VIDEOS: usize = 20;
+/// The pause before each variant (vidpipe's stages join their groups in it).
+const SETTLE: Duration = Duration::from_secs(8);
 const SENTENCES: [&str; 5] = [
     "The river flows past the old mill every morning, and the miller counts every sack before noon.",
     "Our team measured the temperature of the lake for twelve weeks and found the warmest water in August.",
@@ -124,6 +126,11 @@ async fn main() {
     let mut breakdowns = Vec::new();
     for round in 1..=rounds {
         // (1) The ASR server alone, `asr_concurrency` requests at a time.
+        // Every variant starts with the ASR server idle for the same time
+        // (vidpipe's stages join their groups for as long): its first
+        // request after a pause is slower (1.0-1.3 s against ~0.95 s, four
+        // tries), and only vidpipe used to pay for it.
+        tokio::time::sleep(SETTLE).await;
         phase("asr-alone");
         let t = Instant::now();
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -142,6 +149,7 @@ async fn main() {
         let asr_alone = t.elapsed().as_secs_f64();
 
         // (2) The sequential script.
+        tokio::time::sleep(SETTLE).await;
         phase("script");
         let seq_dir = tempfile::tempdir().unwrap();
         let t = Instant::now();
@@ -234,7 +242,7 @@ async fn vidpipe_run(c: &Config, admin: &sqlx::PgPool, urls: &[String]) -> (f64,
         async move { stages::run(&[], services, "bench", shutdown).await }
     });
     // Let every stage join its group before the clock starts.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(SETTLE).await;
     // A new id for every video in every round (ids are derived from URLs).
     let urls: Vec<String> = urls.iter().map(|u| format!("{u}?run={run_id}")).collect();
     phase("vidpipe");
