@@ -41,11 +41,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Config::load()?;
     // Metrics as `vidpipe run` serves them, for tests that read them.
-    if !config.metrics_listen.is_empty() {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(config.metrics_listen.parse::<std::net::SocketAddr>()?)
-            .install()?;
-    }
+    vidpipe::api::metrics::serve_on(&config.metrics_listen)?;
     let status = if config.runner.status {
         Some(StatusStore::new(
             db::connect(&config.database_url, 8).await?,

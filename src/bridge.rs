@@ -312,7 +312,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
     } else {
         None
     };
-    serve_metrics(&config)?;
+    crate::api::metrics::serve_on(&config.metrics_listen)
+        .map_err(|e| BridgeError::Config(e.to_string()))?;
     let mut wanted = Vec::new();
     if bridge.ingress {
         wanted.push(config.topic("commands"));
@@ -392,21 +393,6 @@ fn instance_name() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "vidpipe".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// Serves `/metrics` when `metrics_listen` is set.
-fn serve_metrics(config: &Config) -> Result<(), BridgeError> {
-    if config.metrics_listen.is_empty() {
-        return Ok(());
-    }
-    let addr: std::net::SocketAddr = config
-        .metrics_listen
-        .parse()
-        .map_err(|e| BridgeError::Config(format!("metrics_listen: {e}")))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| BridgeError::Config(format!("cannot serve metrics on {addr}: {e}")))
 }
 
 /// Calls `f` until it succeeds, a permanent error, or shutdown (`None`);

@@ -449,19 +449,14 @@ async fn run(config: Config, stages: Vec<String>, instance: Option<String>) -> E
         eprintln!("error: {}", RunError::UnknownStage(bad.clone()));
         return ExitCode::from(2);
     }
-    if !config.metrics_listen.is_empty() {
-        let addr: std::net::SocketAddr = match config.metrics_listen.parse() {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("error: metrics_listen: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-        {
-            eprintln!("error: cannot serve metrics on {addr}: {e}");
+    match vidpipe::api::metrics::serve_on(&config.metrics_listen) {
+        Ok(()) => {}
+        Err(e @ vidpipe::api::metrics::ListenError::Address(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(3);
         }
     }

@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use vidpipe::client;
 use vidpipe::config::Config;
 
-use crate::helpers::{config, fresh_database_url, unique};
+use crate::helpers::{config, free_port, fresh_database_url, unique};
 use crate::pipeline::{SCRIPTS, serve, spoken_video};
 use crate::procs::Proc;
 use crate::replay::vidpipe;
@@ -131,13 +131,6 @@ fn spawn_vidpipe(c: &Config, args: &[&str], log: &Path) -> Proc {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 /// Waits until the status page answers 200.
 async fn wait_for_page(base: &str, serve: &mut Proc, log: &Path) {
     let http = reqwest::Client::builder()

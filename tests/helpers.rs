@@ -154,3 +154,11 @@ pub async fn metric_series(addr: &str, name: &str) -> Vec<(String, f64)> {
         })
         .collect()
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vidpipe::config::Guarantee;
 
-use crate::helpers::metric_series;
+use crate::helpers::{free_port, metric_series};
 use crate::procs::Harness;
 
 /// Per-partition lag series of the copy stage at `addr`.
@@ -85,11 +85,7 @@ async fn consumer_lag_counts_a_backlog_down_to_zero() {
 
 /// A free local address for a child's metrics listener.
 fn metrics_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// Lag per partition number, from a process's `/metrics` (empty until

@@ -170,12 +170,8 @@ impl Harness {
             records,
             videos,
         };
-        h.produce_input().await;
+        h.produce_input_in(0).await;
         h
-    }
-
-    async fn produce_input(&self) {
-        self.produce_input_in(0).await;
     }
 
     /// Produces the input records (`records` over `videos` keys), in

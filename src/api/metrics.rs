@@ -1,6 +1,7 @@
 //! Prometheus metrics of `vidpipe serve`: a recorder without a listener of
 //! its own (the API renders it at `/metrics`), request counts and latencies
-//! per route, and the pipeline's videos by status, read at each scrape.
+//! per route, and the pipeline's videos by status, read at each scrape; and
+//! the exporter's own listener for the processes without the API.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,35 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
+
+/// Why `metrics_listen` could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("metrics_listen: {0}")]
+    Address(#[from] std::net::AddrParseError),
+    #[error("cannot serve metrics on {addr}: {message}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        message: String,
+    },
+}
+
+/// Serves Prometheus metrics at `http://{listen}/metrics` from a listener
+/// of the exporter's own, for the processes without the HTTP API
+/// (`vidpipe run`, `vidpipe bridge`); nothing when `listen` is empty.
+pub fn serve_on(listen: &str) -> Result<(), ListenError> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let addr: std::net::SocketAddr = listen.parse()?;
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| ListenError::Serve {
+            addr,
+            message: e.to_string(),
+        })
+}
 
 /// Installs the global recorder; returns the handle that renders it.
 pub fn install() -> Result<PrometheusHandle, String> {

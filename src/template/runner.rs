@@ -571,7 +571,14 @@ fn event_loop(
         let mut taken = 0;
         for _ in 0..if take { POLL_BATCH } else { 0 } {
             last_poll = Instant::now();
-            let message = consumer.poll(Duration::ZERO);
+            // `poll` also answers None when it served a rebalance or a
+            // statistics event and no record: a second look tells that from
+            // an empty queue, which would not wake the loop again for the
+            // records still queued.
+            let message = match consumer.poll(Duration::ZERO) {
+                None => consumer.poll(Duration::ZERO),
+                message => message,
+            };
             taken += 1;
             let mut s = lock(&state);
             s.take_assignments(&consumer);
@@ -1457,8 +1464,7 @@ impl LoopState {
                 part.cancel.cancel();
                 // Its lag is the new owner's to report; a stale value here
                 // would count the backlog twice in a sum over instances.
-                gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
-                    .set(0.0);
+                self.lag_gauge(*p).set(0.0);
             }
         }
         self.awaiting.retain(|k, _| !partitions.contains(&k.0));
@@ -1472,6 +1478,10 @@ impl LoopState {
             part.cancel.cancel();
         }
         self.partitions.clear();
+    }
+
+    fn lag_gauge(&self, partition: i32) -> Gauge {
+        gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => partition.to_string())
     }
 
     /// Sets `vidpipe_consumer_lag` for the owned partitions from
@@ -1504,8 +1514,7 @@ impl LoopState {
             } else {
                 (end - part.offsets.position()).max(0)
             };
-            gauge!("vidpipe_consumer_lag", "stage" => self.stage, "partition" => p.to_string())
-                .set(lag as f64);
+            self.lag_gauge(*p).set(lag as f64);
         }
     }
 }
