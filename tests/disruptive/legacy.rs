@@ -369,6 +369,14 @@ impl Publisher {
 
 /// Ready messages in a queue (not those delivered and unacknowledged).
 pub async fn depth(c: &Config, queue: &str) -> u32 {
+    depth_if_declared(c, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// Like [`depth`], but `None` while nobody has declared the queue yet (a
+/// queue the bridge declares when it starts).
+pub async fn depth_if_declared(c: &Config, queue: &str) -> Option<u32> {
     let conn = connect(c).await;
     let ch = conn.create_channel().await.expect("channel");
     let q = ch
@@ -380,10 +388,13 @@ pub async fn depth(c: &Config, queue: &str) -> u32 {
             },
             FieldTable::default(),
         )
-        .await
-        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+        .await;
     let _ = conn.close(200, "bye".into()).await;
-    q.message_count()
+    match q {
+        Ok(q) => Some(q.message_count()),
+        Err(e) if e.to_string().contains("NOT_FOUND") => None,
+        Err(e) => panic!("queue {queue}: {e}"),
+    }
 }
 
 /// A dead letter: the test number of the message and the reason headers.

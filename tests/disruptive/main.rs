@@ -235,7 +235,8 @@ async fn wait_drained(c: &Config, names: &Names, sent: &[Legacy], bridges: &mut 
         for q in &names.queues {
             waiting += legacy::depth(c, q).await;
         }
-        let dead = legacy::depth(c, &names.dlq).await as usize;
+        // Declared by the bridges as they start, maybe after the first look.
+        let dead = legacy::depth_if_declared(c, &names.dlq).await.unwrap_or(0) as usize;
         let on_kafka: HashSet<usize> = legacy::commands(c)
             .await
             .iter()
