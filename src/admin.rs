@@ -13,6 +13,7 @@
 //! The Kafka calls here block (librdkafka's synchronous metadata and group
 //! APIs); the async functions run them on the blocking pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -373,7 +374,10 @@ pub async fn describe(config: &Config) -> Result<Vec<StageTopic>, AdminError> {
 /// current count changes nothing; asking for fewer is refused.
 pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Scaled, AdminError> {
     let topic = input_topic(config, stage)?;
-    let Some(current) = read_partition_count(config, &topic).await? else {
+    // One client for every metadata read below (the wait for the new count
+    // reads it every 100 ms): a client per read connected anew each time.
+    let probe = Arc::new(consumer(config, &format!("{}admin", config.topic_prefix))?);
+    let Some(current) = read_partition_count(config, &probe, &topic).await? else {
         return Err(AdminError::MissingTopic(topic));
     };
     if partitions < current {
@@ -410,7 +414,7 @@ pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Sc
     // second command right after this one read the old count and asked
     // Kafka to "grow" to fewer partitions than it has.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while read_partition_count(config, &topic).await? < Some(partitions) {
+    while read_partition_count(config, &probe, &topic).await? < Some(partitions) {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(
                 topic,
@@ -428,21 +432,23 @@ pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Sc
     })
 }
 
-/// The partition count of `topic` (None if it does not exist), read on the
-/// blocking pool.
-async fn read_partition_count(config: &Config, topic: &str) -> Result<Option<usize>, AdminError> {
+/// The partition count of `topic` (None if it does not exist), read with
+/// `client` on the blocking pool.
+async fn read_partition_count(
+    config: &Config,
+    client: &Arc<BaseConsumer>,
+    topic: &str,
+) -> Result<Option<usize>, AdminError> {
     let config = config.clone();
+    let client = Arc::clone(client);
     let topic = topic.to_string();
     let brokers = config.kafka_brokers.clone();
-    tokio::task::spawn_blocking(move || {
-        let client = consumer(&config, &format!("{}admin", config.topic_prefix))?;
-        partition_count(&config, &client, &topic)
-    })
-    .await
-    .map_err(|e| AdminError::Kafka {
-        brokers,
-        message: format!("the Kafka task did not finish: {e}"),
-    })?
+    tokio::task::spawn_blocking(move || partition_count(&config, &client, &topic))
+        .await
+        .map_err(|e| AdminError::Kafka {
+            brokers,
+            message: format!("the Kafka task did not finish: {e}"),
+        })?
 }
 
 /// The partitions of `topic` in a member's assignment (Kafka's consumer

@@ -155,10 +155,53 @@ enum Held {
     },
 }
 
-/// An exactly-once commit under way on its own thread.
+/// An exactly-once commit under way on the committer thread.
 struct Committing {
     started: Instant,
     result: std::sync::mpsc::Receiver<KafkaResult<()>>,
+}
+
+/// Work for the committer thread: one transaction commit.
+type CommitJob = Box<dyn FnOnce() + Send>;
+
+/// The thread a runner's exactly-once commits run on, one after another.
+/// Started with the first commit and kept: at the default interval a
+/// busy stage commits ten times a second, and a thread per commit would
+/// be ten thread starts a second for nothing. Ends when the runner drops
+/// it (the channel closes).
+#[derive(Default)]
+struct Committer {
+    jobs: Option<std::sync::mpsc::Sender<CommitJob>>,
+}
+
+impl Committer {
+    /// Hands `job` to the thread, starting it first if there is none or it
+    /// died (a commit that panicked: its caller sees the result channel
+    /// closed and aborts that transaction). An error means the job was not
+    /// run and will not be.
+    fn run(&mut self, stage: &str, job: CommitJob) -> std::io::Result<()> {
+        let job = match &self.jobs {
+            Some(jobs) => match jobs.send(job) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (jobs, queue) = std::sync::mpsc::channel::<CommitJob>();
+        std::thread::Builder::new()
+            .name(format!("vidpipe-{stage}-commit"))
+            .spawn(move || {
+                for job in queue {
+                    job();
+                }
+            })?;
+        // The receiver lives in the thread just started, which only drops
+        // it once every sender is gone: this send cannot fail.
+        jobs.send(job)
+            .map_err(|_| std::io::Error::other("the commit thread ended at its start"))?;
+        self.jobs = Some(jobs);
+        Ok(())
+    }
 }
 
 /// Producer context collecting delivery reports for the loop.
@@ -277,6 +320,7 @@ struct LoopState {
     producer: Arc<BaseProducer<Deliveries>>,
     /// The exactly-once commit under way, if any (see `begin_commit`).
     committing: Option<Committing>,
+    committer: Committer,
     /// Worker reports that arrived while it was under way.
     held: VecDeque<Held>,
     partitions: HashMap<i32, Partition>,
@@ -454,6 +498,7 @@ pub async fn run<S: Stage>(
         producer_config,
         producer: Arc::new(producer),
         committing: None,
+        committer: Committer::default(),
         held: VecDeque::new(),
         partitions: HashMap::new(),
         pending_assign: Vec::new(),
@@ -1139,8 +1184,8 @@ impl LoopState {
                 || self.txn_opened.is_some_and(|t| t.elapsed() >= interval))
     }
 
-    /// Exactly-once, periodic: starts committing the open transaction on a
-    /// thread of its own and returns. The loop goes on taking records and
+    /// Exactly-once, periodic: starts committing the open transaction on
+    /// the committer thread and returns. The loop goes on taking records and
     /// starting workers; what workers report meanwhile is held (librdkafka
     /// refuses to produce while a transaction commits) and produced into the
     /// next transaction once this one is committed (`settle_commit`). A
@@ -1156,13 +1201,11 @@ impl LoopState {
         let producer = self.producer.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let wake = std::thread::current();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vidpipe-{}-commit", self.stage))
-            .spawn(move || {
-                let _ = tx.send(commit_transaction(&producer, &offsets, &group));
-                wake.unpark();
-            });
-        match spawned {
+        let job: CommitJob = Box::new(move || {
+            let _ = tx.send(commit_transaction(&producer, &offsets, &group));
+            wake.unpark();
+        });
+        match self.committer.run(self.stage, job) {
             Ok(_) => {
                 self.committing = Some(Committing {
                     started: Instant::now(),
