@@ -78,7 +78,13 @@ async fn main() {
         c.media.asr_concurrency = n.parse().expect("BENCH_ASR_CONCURRENCY: a count");
     }
     let concurrency = c.media.asr_concurrency;
-    let client = reqwest::Client::new();
+    // A connection per request, as vidpipe's ASR client does: the stack's
+    // server is one worker process per core, and a kept-alive connection
+    // stays with one worker (see `src/backends/asr/http.rs`).
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let transcribe = |path: std::path::PathBuf| {
         let client = client.clone();
         let url = format!("{}/audio/transcriptions", c.asr_url);

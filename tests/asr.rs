@@ -560,6 +560,59 @@ fn openai(server: &FakeServer, key: Option<&str>, opts: AsrOptions) -> OpenAiAsr
     .expect("valid settings")
 }
 
+/// A multi-process ASR server (the stack's runs one worker process per
+/// core, each transcribing one request at a time) keeps a connection with
+/// the worker that accepted it for as long as it stays open: requests on
+/// a reused connection queue behind that worker while another sits idle.
+/// So every request opens a connection of its own, which a worker that is
+/// free accepts. This server keeps connections open (HTTP/1.1 keep-alive)
+/// and counts them.
+#[tokio::test]
+async fn every_request_opens_a_connection_of_its_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wav = silent_wav(dir.path(), "clip", 500);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}/v1", listener.local_addr().expect("address"));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut reader = BufReader::new(read);
+                while read_request(&mut reader).await.is_some() {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: keep-alive\r\n\r\n",
+                        VERBOSE.len()
+                    );
+                    if write.write_all(head.as_bytes()).await.is_err()
+                        || write.write_all(VERBOSE.as_bytes()).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let asr = OpenAiAsr::new(&base, "whisper-1", None, fast_opts()).expect("valid settings");
+    for n in 1..=3 {
+        asr.transcribe(&wav, &CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("request {n}: {e}"));
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        3,
+        "each request on a connection of its own"
+    );
+}
+
 #[tokio::test]
 async fn rate_limit_with_retry_after_then_success() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -64,6 +64,16 @@ impl Policy {
             // Connecting is quick or not happening; failing fast lets the
             // retry go to a healthy instance behind a load balancer.
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
+            // A connection per request. A multi-process server (uvicorn or
+            // gunicorn workers, like the stack's) keeps a connection with
+            // the worker that accepted it, and a worker transcribes one
+            // request at a time: on reused connections two requests queued
+            // behind one worker while the other sat idle (20 clips at two
+            // at a time: 10.8 s against 6.9 s). A fresh connection goes to
+            // a worker free to accept it, and so does one through a
+            // balancer that spreads connections. Connecting, even with TLS,
+            // is small against a transcription.
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| AsrError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
