@@ -1065,29 +1065,62 @@ impl Bounds {
     }
 }
 
-/// Lowers a started tool's CPU priority to `niceness` (or leaves it at
-/// ours, if that is lower). Done from here
-/// rather than in the child before `exec` (which needs `unsafe` code): the
-/// tool runs its first instants at our priority, which does not matter for
-/// work that lasts long enough to compete. Failing is harmless (the tool
-/// just keeps our priority), so it is only logged.
-fn lower_priority(tool: &'static str, child: &tokio::process::Child, niceness: i32) {
+/// Makes the tool that `cmd` starts yield the CPU to everything else
+/// (transcription first), at nice `niceness` (or ours, if that is lower);
+/// 0 leaves it alone.
+///
+/// A nice value alone is not enough on Linux: with autogroup scheduling
+/// (`kernel.sched_autogroup_enabled`, on by default in Debian and Ubuntu)
+/// the kernel first shares the CPU fairly between sessions and only then
+/// applies nice within each. The ASR server, Kafka and vidpipe are
+/// separate sessions, so ffmpeg at nice 10 in vidpipe's session still got
+/// vidpipe's full share: measured on 2 cores, 20 extractions next to two
+/// transcribing workers took 0.8-1.0 cores of the two while the workers
+/// got 0.4 each. So the tool starts a session of its own (a new
+/// autogroup) and sets that autogroup's nice as well as its own.
+///
+/// Without CAP_SYS_ADMIN the kernel accepts at most ten autogroup changes
+/// a second machine-wide; a tool refused one runs with a fair share of its
+/// own, as before. Under systemd with the cpu controller, services are
+/// ranked by their cgroups instead: give vidpipe a lower `CPUWeight=`.
+fn yield_cpu(cmd: &mut Command, niceness: i32) {
     if niceness == 0 {
         return;
     }
-    let Some(pid) = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
     // Never above our own priority: a vidpipe started with `nice` keeps its
     // tools at least as nice.
     let own = rustix::process::getpriority_process(None).unwrap_or(0);
-    if let Err(e) = rustix::process::setpriority_process(Some(pid), niceness.max(own)) {
-        tracing::debug!(tool, error = %e, "cannot lower the tool's priority");
+    let nice = niceness.max(own);
+    // Formatted here: the child must not allocate.
+    let text = nice.to_string().into_bytes();
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed. It makes plain system
+    // calls (setsid, open, write, setpriority) through rustix on data
+    // prepared above, allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            low_priority_session(nice, &text);
+            Ok(())
+        });
     }
+}
+
+/// In the child before exec: see [`yield_cpu`]. Every step is best effort:
+/// a failure leaves the tool at a higher priority than asked, never
+/// unstarted.
+fn low_priority_session(nice: i32, text: &[u8]) {
+    use rustix::fs::{Mode, OFlags};
+    // Fails only for a process group leader, which a fresh child is not.
+    let _ = rustix::process::setsid();
+    // Absent where the kernel has no autogroups.
+    if let Ok(fd) = rustix::fs::open(
+        c"/proc/self/autogroup",
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        let _ = rustix::io::write(&fd, text);
+    }
+    let _ = rustix::process::setpriority_process(None, nice);
 }
 
 /// What a finished tool run left behind.
@@ -1113,7 +1146,9 @@ async fn run_tool(
         return Err(FfmpegError::Cancelled);
     }
     tracing::debug!(tool, ?args, "running");
-    let mut child = Command::new(tool)
+    let mut cmd = Command::new(tool);
+    yield_cpu(&mut cmd, deadline.niceness);
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1131,7 +1166,6 @@ async fn run_tool(
                 source,
             },
         })?;
-    lower_priority(tool, &child, deadline.niceness);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(FfmpegError::Io {
             context: format!("{tool}'s pipes"),
@@ -1632,30 +1666,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tools_run_at_the_configured_niceness() {
-        let nice_of = |child: &tokio::process::Child| -> i32 {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id().unwrap()))
+    async fn tools_run_at_the_configured_niceness_in_a_session_of_their_own() {
+        // Fields of /proc/PID/stat counted after the parenthesised command
+        // name: 3 is the session, 16 the nice value.
+        let stat_of = |pid: u32, field: usize| -> i64 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .expect("the child's /proc entry");
-            // Field 19 (nice), counted after the parenthesised command name.
             let rest = stat.rsplit_once(')').unwrap().1;
-            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+            rest.split_whitespace().nth(field).unwrap().parse().unwrap()
         };
-        let spawn = || {
-            tokio::process::Command::new("sleep")
-                .arg("5")
-                .kill_on_drop(true)
-                .spawn()
-                .expect("sleep(1)")
+        let spawn = |niceness: i32| {
+            let mut cmd = Command::new("sleep");
+            yield_cpu(&mut cmd, niceness);
+            cmd.arg("5").kill_on_drop(true).spawn().expect("sleep(1)")
         };
-        let ours = {
-            let child = spawn();
-            nice_of(&child)
-        };
-        let child = spawn();
-        lower_priority("sleep", &child, 10);
-        assert_eq!(nice_of(&child), ours.max(10));
-        let child = spawn();
-        lower_priority("sleep", &child, 0);
-        assert_eq!(nice_of(&child), ours, "0 leaves the priority alone");
+        let ours = rustix::process::getpriority_process(None).unwrap() as i64;
+        let own_session = stat_of(std::process::id(), 3);
+
+        let child = spawn(10);
+        let pid = child.id().unwrap();
+        assert_eq!(stat_of(pid, 16), ours.max(10));
+        assert_eq!(stat_of(pid, 3), pid as i64, "a session of its own");
+        assert_ne!(stat_of(pid, 3), own_session);
+        // Where the kernel has autogroups, the tool's is at the same nice.
+        if let Ok(group) = std::fs::read_to_string(format!("/proc/{pid}/autogroup")) {
+            assert!(
+                group
+                    .trim_end()
+                    .ends_with(&format!("nice {}", ours.max(10))),
+                "autogroup: {group}"
+            );
+        }
+
+        let child = spawn(0);
+        let pid = child.id().unwrap();
+        assert_eq!(stat_of(pid, 16), ours, "0 leaves the priority alone");
+        assert_eq!(stat_of(pid, 3), own_session, "and the session");
     }
 }
