@@ -176,6 +176,10 @@ pub struct MediaConfig {
     /// Nice value of ffmpeg and ffprobe (0-19, 0 = vidpipe's own priority):
     /// decoding yields the CPU to transcription, the pipeline's bottleneck.
     pub tool_niceness: i32,
+    /// The ffmpeg executable (a name looked up in `PATH`, or a path).
+    pub ffmpeg: String,
+    /// The ffprobe executable (a name looked up in `PATH`, or a path).
+    pub ffprobe: String,
 }
 
 impl Default for MediaConfig {
@@ -195,6 +199,8 @@ impl Default for MediaConfig {
             asr_backend: "openai".into(),
             max_backfill: 20,
             tool_niceness: 10,
+            ffmpeg: "ffmpeg".into(),
+            ffprobe: "ffprobe".into(),
         }
     }
 }
@@ -450,6 +456,14 @@ impl Config {
                 "must be from 0 (normal priority) to 19 (lowest)",
             ));
         }
+        for (key, exe) in [
+            ("media.ffmpeg", &self.media.ffmpeg),
+            ("media.ffprobe", &self.media.ffprobe),
+        ] {
+            if exe.trim().is_empty() {
+                return Err(invalid(key, "must name an executable"));
+            }
+        }
         if self.media.asr_concurrency == 0 || self.media.per_site == 0 {
             return Err(invalid(
                 "media.asr_concurrency",
@@ -684,6 +698,33 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("media.tool_niceness"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tool_executables_are_configurable_and_never_empty() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let defaults = load("").unwrap().media;
+        assert_eq!(
+            (defaults.ffmpeg.as_str(), defaults.ffprobe.as_str()),
+            ("ffmpeg", "ffprobe")
+        );
+        let set = load("[media]\nffmpeg = \"/opt/ff/ffmpeg\"\nffprobe = \"/opt/ff/ffprobe\"\n")
+            .unwrap()
+            .media;
+        assert_eq!(
+            (set.ffmpeg.as_str(), set.ffprobe.as_str()),
+            ("/opt/ff/ffmpeg", "/opt/ff/ffprobe")
+        );
+        for key in ["ffmpeg", "ffprobe"] {
+            let err = load(&format!("[media]\n{key} = \" \"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("media.{key}")), "{err}");
         }
     }
 

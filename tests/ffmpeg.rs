@@ -247,6 +247,68 @@ async fn speech_in_a_video_becomes_one_16k_mono_chunk() {
     assert_eq!(again.audio_sha256, got.audio_sha256);
 }
 
+/// `media.ffmpeg` and `media.ffprobe` name the executables started (a
+/// static build of one's own, say): paths work, and a wrong one fails with
+/// its own name although the default is on PATH.
+#[tokio::test]
+async fn the_configured_executables_are_the_ones_started() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mp4, _) = speech_mp4(dir.path(), "talk.mp4", false).await;
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin dir");
+    for name in ["ffmpeg", "ffprobe"] {
+        let real = which(name);
+        std::os::unix::fs::symlink(real, bin.join(format!("my-{name}"))).expect("symlink");
+    }
+    let limits = Limits {
+        ffmpeg: bin.join("my-ffmpeg"),
+        ffprobe: bin.join("my-ffprobe"),
+        ..Limits::default()
+    };
+    let out = dir.path().join("out");
+    let extract = |limits: Limits| {
+        let (mp4, out) = (mp4.clone(), out.clone());
+        async move { ffmpeg::extract(&mp4, &out, &limits, &CancellationToken::new()).await }
+    };
+    let got = extract(limits)
+        .await
+        .expect("extract with configured paths");
+    assert_eq!(got.chunks.len(), 1);
+
+    let missing = bin.join("no-such-ffprobe");
+    let limits = Limits {
+        ffprobe: missing.clone(),
+        ..Limits::default()
+    };
+    let err = extract(limits).await.expect_err("no such ffprobe");
+    assert!(
+        matches!(
+            err,
+            FfmpegError::ToolMissing {
+                tool: "ffprobe",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&missing.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("media.ffprobe"), "{message}");
+}
+
+/// The file `name` resolves to on PATH.
+fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not on PATH: scripts/stack up installs it"))
+}
+
 #[tokio::test]
 async fn a_video_without_audio_is_no_audio() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -107,6 +107,12 @@ pub struct Limits {
     /// transcription that should win: extraction only has to stay ahead of
     /// it (see BENCHMARKS.md, the pipeline).
     pub niceness: i32,
+    /// The ffmpeg executable: a name looked up in `PATH`, or a path (a
+    /// build of one's own, e.g. a static one, which starts several times
+    /// faster than a distribution's: see BENCHMARKS.md).
+    pub ffmpeg: PathBuf,
+    /// The ffprobe executable, likewise.
+    pub ffprobe: PathBuf,
 }
 
 impl Default for Limits {
@@ -123,6 +129,8 @@ impl Default for Limits {
             chunk_target: Duration::from_secs(10 * 60),
             overlap: Duration::from_millis(1500),
             niceness: 10,
+            ffmpeg: "ffmpeg".into(),
+            ffprobe: "ffprobe".into(),
         }
     }
 }
@@ -265,10 +273,12 @@ pub enum FfmpegError {
     #[error("cancelled")]
     Cancelled,
     /// ffmpeg or ffprobe cannot be started.
-    #[error("{tool} cannot be started (is it installed and on PATH?): {source}")]
+    #[error("{tool} cannot be started from {} (is it installed and on PATH, or is media.{tool} right?): {source}", exe.display())]
     ToolMissing {
         /// The program.
         tool: &'static str,
+        /// What was started: the configured name or path.
+        exe: PathBuf,
         /// Why spawning failed.
         #[source]
         source: io::Error,
@@ -1053,6 +1063,8 @@ struct Bounds {
     at: Instant,
     budget: Duration,
     niceness: i32,
+    ffmpeg: PathBuf,
+    ffprobe: PathBuf,
 }
 
 impl Bounds {
@@ -1061,6 +1073,17 @@ impl Bounds {
             at: Instant::now() + limits.timeout,
             budget: limits.timeout,
             niceness: limits.niceness,
+            ffmpeg: limits.ffmpeg.clone(),
+            ffprobe: limits.ffprobe.clone(),
+        }
+    }
+
+    /// The executable configured for `tool`.
+    fn exe(&self, tool: &str) -> &Path {
+        if tool == "ffprobe" {
+            &self.ffprobe
+        } else {
+            &self.ffmpeg
         }
     }
 }
@@ -1146,7 +1169,8 @@ async fn run_tool(
         return Err(FfmpegError::Cancelled);
     }
     tracing::debug!(tool, ?args, "running");
-    let mut cmd = Command::new(tool);
+    let exe = deadline.exe(tool);
+    let mut cmd = Command::new(exe);
     yield_cpu(&mut cmd, deadline.niceness);
     let mut child = cmd
         .args(args)
@@ -1158,9 +1182,11 @@ async fn run_tool(
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
-                FfmpegError::ToolMissing { tool, source }
-            }
+            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => FfmpegError::ToolMissing {
+                tool,
+                exe: exe.to_path_buf(),
+                source,
+            },
             _ => FfmpegError::Io {
                 context: format!("starting {tool}"),
                 source,

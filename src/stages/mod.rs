@@ -135,6 +135,8 @@ impl Services {
             chunk_target: Duration::from_secs(chunk_secs),
             overlap: Duration::from_millis(m.chunk_overlap_ms),
             niceness: m.tool_niceness,
+            ffmpeg: m.ffmpeg.clone().into(),
+            ffprobe: m.ffprobe.clone().into(),
             ..Limits::default()
         }
     }
