@@ -425,6 +425,9 @@ pub async fn scale(config: &Config, stage: &str, partitions: usize) -> Result<Sc
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Dropping a client with a group id closes its queue, polling in
+    // 100 ms slices: off the async thread.
+    let _ = tokio::task::spawn_blocking(move || drop(probe)).await;
     Ok(Scaled {
         topic,
         from: current,

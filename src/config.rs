@@ -460,8 +460,11 @@ impl Config {
             ("media.ffmpeg", &self.media.ffmpeg),
             ("media.ffprobe", &self.media.ffprobe),
         ] {
-            if exe.trim().is_empty() {
-                return Err(invalid(key, "must name an executable"));
+            if exe.trim().is_empty() || exe.trim() != exe.as_str() {
+                return Err(invalid(
+                    key,
+                    "must name an executable, without spaces around it",
+                ));
             }
         }
         if self.media.asr_concurrency == 0 || self.media.per_site == 0 {

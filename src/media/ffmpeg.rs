@@ -1099,51 +1099,120 @@ impl Bounds {
 /// separate sessions, so ffmpeg at nice 10 in vidpipe's session still got
 /// vidpipe's full share: measured on 2 cores, 20 extractions next to two
 /// transcribing workers took 0.8-1.0 cores of the two while the workers
-/// got 0.4 each. So the tool starts a session of its own (a new
-/// autogroup) and sets that autogroup's nice as well as its own.
+/// got 0.4 each. So with `own_session` the tool starts a session of its
+/// own (a new autogroup) and sets that autogroup's nice as well as its
+/// own. Under systemd with the cpu controller, services are ranked by
+/// their cgroups instead: give vidpipe a lower `CPUWeight=`.
 ///
 /// Without CAP_SYS_ADMIN the kernel accepts at most ten autogroup changes
-/// a second machine-wide; a tool refused one runs with a fair share of its
-/// own, as before. Under systemd with the cpu controller, services are
-/// ranked by their cgroups instead: give vidpipe a lower `CPUWeight=`.
-fn yield_cpu(cmd: &mut Command, niceness: i32) {
-    if niceness == 0 {
+/// a second machine-wide. A tool in a session of its own at autogroup
+/// nice 0 would get as much CPU as the whole ASR server, so when the
+/// change is refused the child fails to start with that error, and
+/// [`start_tool`] starts it again in vidpipe's session at plain nice.
+///
+/// A tool in a session of its own does not get a terminal's Ctrl-C or a
+/// signal sent to vidpipe's process group: vidpipe kills its tools itself
+/// when it stops or a call is cancelled, and one left behind by a killed
+/// vidpipe ends with its input, which is a local file bounded by `-t`.
+fn yield_cpu(cmd: &mut Command, niceness: i32, own_session: bool) {
+    if niceness == 0 || !own_session {
         return;
     }
-    // Never above our own priority: a vidpipe started with `nice` keeps its
-    // tools at least as nice.
-    let own = rustix::process::getpriority_process(None).unwrap_or(0);
-    let nice = niceness.max(own);
+    let nice = tool_nice(niceness);
     // Formatted here: the child must not allocate.
     let text = nice.to_string().into_bytes();
     // SAFETY: the closure runs in the child between fork and exec, where
     // only async-signal-safe calls are allowed. It makes plain system
-    // calls (setsid, open, write, setpriority) through rustix on data
-    // prepared above, allocates nothing and takes no lock.
+    // calls (setsid, open, write, close, setpriority) through rustix on
+    // data prepared above, allocates nothing (an `io::Error` from an errno
+    // is not allocated) and takes no lock.
     unsafe {
-        cmd.pre_exec(move || {
-            low_priority_session(nice, &text);
-            Ok(())
-        });
+        cmd.pre_exec(move || low_priority_session(nice, &text).map_err(std::io::Error::from));
     }
 }
 
-/// In the child before exec: see [`yield_cpu`]. Every step is best effort:
-/// a failure leaves the tool at a higher priority than asked, never
-/// unstarted.
-fn low_priority_session(nice: i32, text: &[u8]) {
+/// The nice value for a tool: `niceness`, or ours if that is higher (a
+/// vidpipe started with `nice` keeps its tools at least as nice).
+fn tool_nice(niceness: i32) -> i32 {
+    niceness.max(rustix::process::getpriority_process(None).unwrap_or(0))
+}
+
+/// In the child before exec: see [`yield_cpu`]. Fails only when the tool
+/// got a session of its own and its autogroup nice could not be set.
+fn low_priority_session(nice: i32, text: &[u8]) -> rustix::io::Result<()> {
     use rustix::fs::{Mode, OFlags};
-    // Fails only for a process group leader, which a fresh child is not.
-    let _ = rustix::process::setsid();
-    // Absent where the kernel has no autogroups.
-    if let Ok(fd) = rustix::fs::open(
-        c"/proc/self/autogroup",
-        OFlags::WRONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        let _ = rustix::io::write(&fd, text);
+    // Only a process group leader cannot, which a fresh child is not; if
+    // it could not, the autogroup below would be vidpipe's own.
+    if rustix::process::setsid().is_ok() {
+        match rustix::fs::open(
+            c"/proc/self/autogroup",
+            OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                rustix::io::write(&fd, text)?;
+            }
+            // No autogroups in this kernel: sessions do not matter then.
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e),
+        }
     }
     let _ = rustix::process::setpriority_process(None, nice);
+    Ok(())
+}
+
+/// Lowers a started tool's CPU priority to [`tool_nice`]`(niceness)`, from
+/// vidpipe after the start (the fallback of [`yield_cpu`], which needs no
+/// hook in the child). Failing is harmless (the tool keeps our priority),
+/// so it is only logged.
+fn lower_priority(tool: &'static str, child: &tokio::process::Child, niceness: i32) {
+    if niceness == 0 {
+        return;
+    }
+    let Some(pid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::setpriority_process(Some(pid), tool_nice(niceness)) {
+        tracing::debug!(tool, error = %e, "cannot lower the tool's priority");
+    }
+}
+
+/// Starts `tool` with `args`, at low priority in a session of its own
+/// (see [`yield_cpu`]), or, if that start fails, in vidpipe's session at
+/// plain nice; a tool that cannot be started at all fails the second
+/// attempt with the same error.
+fn start_tool(
+    tool: &'static str,
+    exe: &Path,
+    args: &[OsString],
+    niceness: i32,
+) -> io::Result<tokio::process::Child> {
+    let start = |own_session: bool| {
+        let mut cmd = Command::new(exe);
+        yield_cpu(&mut cmd, niceness, own_session);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // FFREPORT would make ffmpeg write an unbounded log file of its own.
+            .env_remove("FFREPORT")
+            .kill_on_drop(true)
+            .spawn()
+    };
+    match start(niceness > 0) {
+        Ok(child) => Ok(child),
+        Err(e) if niceness > 0 => {
+            tracing::debug!(tool, error = %e, "starting in a session of its own failed; starting at plain nice");
+            let child = start(false)?;
+            lower_priority(tool, &child, niceness);
+            Ok(child)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What a finished tool run left behind.
@@ -1170,18 +1239,8 @@ async fn run_tool(
     }
     tracing::debug!(tool, ?args, "running");
     let exe = deadline.exe(tool);
-    let mut cmd = Command::new(exe);
-    yield_cpu(&mut cmd, deadline.niceness);
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // FFREPORT would make ffmpeg write an unbounded log file of its own.
-        .env_remove("FFREPORT")
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| match source.kind() {
+    let mut child =
+        start_tool(tool, exe, args, deadline.niceness).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => FfmpegError::ToolMissing {
                 tool,
                 exe: exe.to_path_buf(),
@@ -1701,30 +1760,43 @@ mod tests {
             let rest = stat.rsplit_once(')').unwrap().1;
             rest.split_whitespace().nth(field).unwrap().parse().unwrap()
         };
-        let spawn = |niceness: i32| {
-            let mut cmd = Command::new("sleep");
-            yield_cpu(&mut cmd, niceness);
-            cmd.arg("5").kill_on_drop(true).spawn().expect("sleep(1)")
+        let sleep = |niceness: i32| {
+            start_tool("sleep", Path::new("sleep"), &["5".into()], niceness).expect("sleep(1)")
         };
         let ours = rustix::process::getpriority_process(None).unwrap() as i64;
         let own_session = stat_of(std::process::id(), 3);
+        // Only without CAP_SYS_ADMIN can the kernel refuse the autogroup
+        // change (ten a second, machine-wide), and then the tool starts
+        // again in our session.
+        let privileged = rustix::process::geteuid().is_root();
 
-        let child = spawn(10);
+        let child = sleep(10);
         let pid = child.id().unwrap();
         assert_eq!(stat_of(pid, 16), ours.max(10));
-        assert_eq!(stat_of(pid, 3), pid as i64, "a session of its own");
-        assert_ne!(stat_of(pid, 3), own_session);
-        // Where the kernel has autogroups, the tool's is at the same nice.
-        if let Ok(group) = std::fs::read_to_string(format!("/proc/{pid}/autogroup")) {
-            assert!(
-                group
-                    .trim_end()
-                    .ends_with(&format!("nice {}", ours.max(10))),
-                "autogroup: {group}"
-            );
+        let session = stat_of(pid, 3);
+        if privileged || session != own_session {
+            assert_eq!(session, pid as i64, "a session of its own");
+            // Where the kernel has autogroups, the tool's is at its nice.
+            if let Ok(group) = std::fs::read_to_string(format!("/proc/{pid}/autogroup")) {
+                assert!(
+                    group
+                        .trim_end()
+                        .ends_with(&format!("nice {}", ours.max(10))),
+                    "autogroup: {group}"
+                );
+            }
         }
 
-        let child = spawn(0);
+        // The fallback: our session, the nice value set from here.
+        let mut cmd = Command::new("sleep");
+        yield_cpu(&mut cmd, 10, false);
+        let child = cmd.arg("5").kill_on_drop(true).spawn().expect("sleep(1)");
+        lower_priority("sleep", &child, 10);
+        let pid = child.id().unwrap();
+        assert_eq!(stat_of(pid, 16), ours.max(10));
+        assert_eq!(stat_of(pid, 3), own_session);
+
+        let child = sleep(0);
         let pid = child.id().unwrap();
         assert_eq!(stat_of(pid, 16), ours, "0 leaves the priority alone");
         assert_eq!(stat_of(pid, 3), own_session, "and the session");

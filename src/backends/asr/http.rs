@@ -72,7 +72,8 @@ impl Policy {
             // at a time: 10.8 s against 6.9 s). A fresh connection goes to
             // a worker free to accept it, and so does one through a
             // balancer that spreads connections. Connecting, even with TLS,
-            // is small against a transcription.
+            // is small against a transcription; this applies to Google's
+            // API too (a TLS handshake per chunk of up to a minute).
             .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| AsrError::Config(format!("cannot build the HTTP client: {e}")))?;
