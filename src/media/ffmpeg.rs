@@ -1099,9 +1099,8 @@ impl Bounds {
 /// separate sessions, so ffmpeg at nice 10 in vidpipe's session still got
 /// vidpipe's full share: measured on 2 cores, 20 extractions next to two
 /// transcribing workers took 0.8-1.0 cores of the two while the workers
-/// got 0.4 each. So with `own_session` the tool starts a session of its
-/// own (a new autogroup) and sets that autogroup's nice as well as its
-/// own. Under systemd with the cpu controller, services are ranked by
+/// got 0.4 each. So the tool starts a session of its own (a new
+/// autogroup) and sets that autogroup's nice as well as its own. Under systemd with the cpu controller, services are ranked by
 /// their cgroups instead: give vidpipe a lower `CPUWeight=`.
 ///
 /// Without CAP_SYS_ADMIN the kernel accepts at most ten autogroup changes
@@ -1114,8 +1113,8 @@ impl Bounds {
 /// signal sent to vidpipe's process group: vidpipe kills its tools itself
 /// when it stops or a call is cancelled, and one left behind by a killed
 /// vidpipe ends with its input, which is a local file bounded by `-t`.
-fn yield_cpu(cmd: &mut Command, niceness: i32, own_session: bool) {
-    if niceness == 0 || !own_session {
+fn yield_cpu(cmd: &mut Command, niceness: i32) {
+    if niceness == 0 {
         return;
     }
     let nice = tool_nice(niceness);
@@ -1193,7 +1192,9 @@ fn start_tool(
 ) -> io::Result<tokio::process::Child> {
     let start = |own_session: bool| {
         let mut cmd = Command::new(exe);
-        yield_cpu(&mut cmd, niceness, own_session);
+        if own_session {
+            yield_cpu(&mut cmd, niceness);
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1788,9 +1789,11 @@ mod tests {
         }
 
         // The fallback: our session, the nice value set from here.
-        let mut cmd = Command::new("sleep");
-        yield_cpu(&mut cmd, 10, false);
-        let child = cmd.arg("5").kill_on_drop(true).spawn().expect("sleep(1)");
+        let child = Command::new("sleep")
+            .arg("5")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sleep(1)");
         lower_priority("sleep", &child, 10);
         let pid = child.id().unwrap();
         assert_eq!(stat_of(pid, 16), ours.max(10));
