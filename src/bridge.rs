@@ -44,8 +44,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -60,6 +59,7 @@ use crate::config::Config;
 use crate::ids;
 use crate::records::{Command, LifecycleEvent, Meta, Record, now_ms};
 use crate::template::codec::{Codec, Decoder, Encoder};
+use crate::template::produce::{self, AckProducer};
 use crate::template::topics;
 
 /// Header carrying a command's id on `<prefix>commands`.
@@ -429,7 +429,7 @@ where
 /// Writes commands to `<prefix>commands` and waits for Kafka's
 /// acknowledgement.
 struct KafkaSink {
-    producer: FutureProducer,
+    producer: AckProducer,
     encoder: Encoder,
     topic: String,
     timeout: Duration,
@@ -443,14 +443,12 @@ impl KafkaSink {
     async fn open(config: &Config, codec: &Arc<Codec>) -> Result<Self, BridgeError> {
         let topic = config.topic("commands");
         let timeout = Duration::from_millis(config.bridge.kafka_timeout_ms);
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
-            .set("client.id", format!("vidpipe-bridge-{}", instance_name()))
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", timeout.as_millis().to_string())
-            .create()
-            .map_err(|e| BridgeError::Config(format!("Kafka producer: {e}")))?;
+        let producer = AckProducer::new(
+            produce::idempotent(&config.kafka_brokers, timeout)
+                .set("client.id", format!("vidpipe-bridge-{}", instance_name()))
+                .set("linger.ms", "2"),
+        )
+        .map_err(|e| BridgeError::Config(format!("Kafka producer: {e}")))?;
         let encoder = codec
             .encoder(&topic, Command::SCHEMA)
             .await
@@ -607,7 +605,7 @@ impl CommandSink for KafkaSink {
                     .key(key)
                     .payload(&payload)
                     .headers(headers),
-                Timeout::After(self.timeout),
+                self.timeout,
             )
             .await;
         metrics::histogram!("vidpipe_bridge_kafka_seconds").record(t0.elapsed().as_secs_f64());
@@ -617,11 +615,11 @@ impl CommandSink for KafkaSink {
                 tracing::debug!(video_id = key, "command on Kafka");
                 Ok(Outcome::Sent)
             }
-            Err((e, _)) if refused_for_good(&e) => Err(SinkError::Permanent {
+            Err(e) if refused_for_good(&e) => Err(SinkError::Permanent {
                 reason: "kafka_refused",
                 detail: e.to_string(),
             }),
-            Err((e, _)) => Err(SinkError::Transient(format!("Kafka: {e}"))),
+            Err(e) => Err(SinkError::Transient(format!("Kafka: {e}"))),
         }
     }
 }

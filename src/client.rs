@@ -11,8 +11,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -21,6 +20,7 @@ use crate::ids;
 use crate::records::{Command, Meta, Record, now_ms};
 use crate::store::blobs::{BlobError, BlobStore};
 use crate::template::codec::Codec;
+use crate::template::produce::{self, AckProducer};
 
 /// Whether `id` could name a row at all: PostgreSQL text holds no NUL, and
 /// a query that binds one fails (SQLSTATE 22021) instead of finding
@@ -69,7 +69,7 @@ pub struct Submitted {
 
 /// A producer of command records on `vidpipe.commands`.
 pub struct CommandSender {
-    producer: FutureProducer,
+    producer: AckProducer,
     encoder: crate::template::codec::Encoder,
     topic: String,
     brokers: String,
@@ -78,12 +78,11 @@ pub struct CommandSender {
 impl CommandSender {
     /// Connects (lazily) to Kafka and registers the command schema.
     pub async fn new(config: &Config) -> Result<Self, ClientError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "15000")
-            .create()
-            .map_err(|e| kafka(config, e))?;
+        let producer = AckProducer::new(&produce::idempotent(
+            &config.kafka_brokers,
+            Duration::from_secs(15),
+        ))
+        .map_err(|e| kafka(config, e))?;
         let codec = Codec::new(config.schema_registry_url.as_deref())
             .map_err(|e| ClientError::Registry(e.to_string()))?;
         let topic = config.topic("commands");
@@ -130,7 +129,7 @@ impl CommandSender {
                 Duration::from_secs(15),
             )
             .await
-            .map_err(|(e, _)| ClientError::Kafka {
+            .map_err(|e| ClientError::Kafka {
                 brokers: self.brokers.clone(),
                 message: e.to_string(),
             })?;

@@ -50,7 +50,7 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -66,6 +66,7 @@ use crate::stages::STAGES;
 use crate::stages::discover::{RestartRequest, Restarted, Restarter};
 use crate::template::StageError;
 use crate::template::codec::{Codec, CodecError, Decoder, Encoder};
+use crate::template::produce::{self, AckProducer};
 
 /// Whether a replay from discover is allowed: discover hands a video
 /// command's generation on to the video it finds (a source's videos start
@@ -911,19 +912,18 @@ struct Provenance<'a> {
 /// input topic (its schema registered on first use).
 struct Feeder {
     config: Config,
-    producer: FutureProducer,
+    producer: AckProducer,
     codec: Arc<Codec>,
     encoders: tokio::sync::Mutex<HashMap<String, Encoder>>,
 }
 
 impl Feeder {
     fn new(config: &Config, codec: Arc<Codec>) -> Result<Self, ReplayError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "15000")
-            .create()
-            .map_err(|e| kafka(config, e))?;
+        let producer = AckProducer::new(&produce::idempotent(
+            &config.kafka_brokers,
+            Duration::from_secs(15),
+        ))
+        .map_err(|e| kafka(config, e))?;
         Ok(Self {
             config: config.clone(),
             producer,
@@ -998,7 +998,7 @@ impl Feeder {
             )
             .await
             .map(|_| ())
-            .map_err(|(e, _)| kafka(&self.config, e))
+            .map_err(|e| kafka(&self.config, e))
     }
 }
 

@@ -24,6 +24,7 @@ mod long;
 mod membership;
 mod pipeline;
 mod procs;
+mod produce;
 mod replay;
 mod scale;
 mod secrets;

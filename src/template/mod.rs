@@ -16,6 +16,7 @@ pub mod codec;
 pub mod events;
 pub mod keyed;
 pub mod offsets;
+pub mod produce;
 pub mod runner;
 pub mod status;
 pub mod testkit;

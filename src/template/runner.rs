@@ -48,6 +48,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::codec::{Codec, CodecError, Decoder, Encoder};
 use super::keyed::KeyedQueue;
 use super::offsets::PartitionOffsets;
+use super::produce;
 use super::status::{Fence, Finish, StatusStore, StatusWriteError, StatusWriter, WriteOutcome};
 use super::{Context, ErrorClass, Stage, StageError};
 use crate::config::{Config, Guarantee};
@@ -225,16 +226,15 @@ impl ProducerContext for Deliveries {
 /// reports as they come. rdkafka's own `flush` (also the first step of its
 /// `commit_transaction`) polls in 100 ms slices and its `poll` returns only
 /// when a slice is over, so any message outstanding at the start cost a
-/// whole 100 ms: most of every commit's time in exactly-once mode.
+/// whole 100 ms: most of every commit's time in exactly-once mode. A short
+/// `poll` would spin instead (see [`produce`]).
 fn flush(producer: &BaseProducer<Deliveries>, timeout: Duration) -> KafkaResult<()> {
     let deadline = Instant::now() + timeout;
-    while producer.in_flight_count() > 0 {
-        if Instant::now() >= deadline {
-            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-        }
-        producer.poll(Duration::from_millis(1));
+    if produce::serve_until(producer, deadline, || producer.in_flight_count() == 0) {
+        Ok(())
+    } else {
+        Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
     }
-    Ok(())
 }
 
 /// Commits the open transaction with the input `offsets`: the offsets
@@ -1024,7 +1024,12 @@ impl LoopState {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The local queue is bounded: wait for deliveries.
                     record = back;
-                    self.producer.poll(Duration::from_millis(10));
+                    let queued = self.producer.in_flight_count();
+                    produce::serve_until(
+                        &self.producer,
+                        Instant::now() + Duration::from_millis(10),
+                        || self.producer.in_flight_count() < queued,
+                    );
                 }
                 Err((e, _)) => {
                     error!(stage = self.stage, error = %e, "cannot produce");
@@ -1388,10 +1393,11 @@ impl LoopState {
             // abort blocks for its whole timeout and fails.
             self.producer
                 .purge(PurgeConfig::default().queue().inflight());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
-                self.producer.poll(Duration::from_millis(10));
-            }
+            produce::serve_until(
+                &self.producer,
+                Instant::now() + Duration::from_secs(10),
+                || self.producer.in_flight_count() == 0,
+            );
             // Their outputs are aborted with the transaction: forget them.
             lock(&self.producer.context().reports).clear();
         }
