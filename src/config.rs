@@ -723,11 +723,15 @@ mod tests {
             (set.ffmpeg.as_str(), set.ffprobe.as_str()),
             ("/opt/ff/ffmpeg", "/opt/ff/ffprobe")
         );
+        // Blank, or padded (a stray space from a copied path would make
+        // the tool "missing" only when the first video arrives).
         for key in ["ffmpeg", "ffprobe"] {
-            let err = load(&format!("[media]\n{key} = \" \"\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(&format!("media.{key}")), "{err}");
+            for value in [" ", "", "/opt/ff/ffmpeg ", " ffmpeg"] {
+                let err = load(&format!("[media]\n{key} = \"{value}\"\n"))
+                    .expect_err(value)
+                    .to_string();
+                assert!(err.contains(&format!("media.{key}")), "{value:?}: {err}");
+            }
         }
     }
 
