@@ -13,7 +13,9 @@ use crate::media::ytdlp::Ytdlp;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bad URL {url:?}: {reason}")]
 pub struct BadUrl {
-    /// The input, truncated.
+    /// The input as it may be shown: without credentials, query or
+    /// fragment (which can hold tokens), truncated. This error reaches
+    /// logs, events and dead letters.
     pub url: String,
     /// What is wrong with it.
     pub reason: &'static str,
@@ -24,7 +26,7 @@ pub struct BadUrl {
 /// spellings of one URL get one id.
 pub fn normalise(input: &str) -> Result<Url, BadUrl> {
     let bad = |reason| BadUrl {
-        url: input.chars().take(200).collect(),
+        url: shown(input),
         reason,
     };
     let trimmed = input.trim();
@@ -56,6 +58,31 @@ pub fn normalise(input: &str) -> Result<Url, BadUrl> {
         url.query_pairs_mut().clear().extend_pairs(kept);
     }
     Ok(url)
+}
+
+/// `input` with what may be secret left out: an http(s) URL as
+/// [`redact`](crate::media::http::redact) shows it; anything else cut at
+/// its query or fragment and with anything before an `@` (user
+/// information) replaced.
+fn shown(input: &str) -> String {
+    if let Ok(url) = Url::parse(input.trim())
+        && matches!(url.scheme(), "http" | "https")
+        && url.has_host()
+    {
+        return crate::media::http::redact(&url);
+    }
+    let end = input.find(['?', '#']).unwrap_or(input.len());
+    let mut s = &input[..end];
+    let mut out = String::new();
+    if let Some(at) = s.rfind('@') {
+        if let Some(scheme) = s[..at].find("://") {
+            out.push_str(&s[..scheme + 3]);
+        }
+        out.push('…');
+        s = &s[at..];
+    }
+    out.push_str(s);
+    out.chars().take(200).collect()
 }
 
 fn digest(prefix: &str, url: &Url) -> String {
@@ -140,6 +167,24 @@ mod tests {
             ("/relative", "not an absolute URL"),
         ] {
             assert_eq!(normalise(input).unwrap_err().reason, reason, "{input}");
+        }
+    }
+
+    #[test]
+    fn a_refused_url_is_shown_without_its_secrets() {
+        for (input, expected) in [
+            ("http://user:s3cret@h/x", "http://h/x"),
+            ("ftp://h/x?token=s3cret", "ftp://h/x"),
+            (
+                "https://user:s3cret@exa mple.com/",
+                "https://…@exa mple.com/",
+            ),
+            ("user:s3cret@host path", "…@host path"),
+            ("-o/tmp/x", "-o/tmp/x"),
+        ] {
+            let err = normalise(input).unwrap_err();
+            assert_eq!(err.url, expected, "{input}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
         }
     }
 }

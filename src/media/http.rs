@@ -294,6 +294,9 @@ const BLOCKED_V4: &[(u32, u8, &str)] = &[
     (0x0a00_0000, 8, "private 10.0.0.0/8"),
     (0x6440_0000, 10, "carrier-grade NAT 100.64.0.0/10"),
     (0x7f00_0000, 8, "loopback 127.0.0.0/8"),
+    // A public address that serves Azure VMs their platform data (the
+    // WireServer): a metadata endpoint like 169.254.169.254.
+    (0xa83f_8110, 32, "Azure platform endpoint 168.63.129.16"),
     (0xa9fe_0000, 16, "link-local/metadata 169.254.0.0/16"),
     (0xac10_0000, 12, "private 172.16.0.0/12"),
     (0xc000_0000, 24, "IETF protocol assignments 192.0.0.0/24"),
@@ -1183,6 +1186,8 @@ mod tests {
             "172.31.255.255",
             "192.168.0.1",
             "169.254.169.254",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
             "100.64.0.1",
             "0.0.0.0",
             "0.1.2.3",
@@ -1210,6 +1215,7 @@ mod tests {
             "93.184.216.34",
             "8.8.8.8",
             "172.32.0.1",
+            "168.63.129.17",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "2002:0808:0808::",

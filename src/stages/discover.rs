@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use url::Url;
 
 use crate::ids;
-use crate::media::http::{FetchError, Fetcher};
+use crate::media::http::{FetchError, Fetcher, redact};
 use crate::media::ytdlp::Ytdlp;
 use crate::records::{Command, Meta, VideoDiscovered};
 use crate::store::catalog::Catalog;
@@ -28,6 +28,12 @@ use crate::template::{Context, Stage, StageError};
 
 /// Largest feed document read.
 const MAX_FEED_BYTES: u64 = 8 << 20;
+
+/// Entries one later poll of a subscription takes at most, newest first:
+/// each costs a catalog claim, and a feed gone hostile could list a
+/// hundred thousand (8 MiB of minimal items) that would each become a
+/// download of whatever host they name.
+const MAX_PER_POLL: usize = 500;
 
 /// File extensions that are media, not feeds: no need to look inside.
 const MEDIA_EXTENSIONS: &[&str] = &[
@@ -143,7 +149,14 @@ impl<C: Catalog> Discover<C> {
             for entry in self.ytdlp.list(url.as_str(), self.max_backfill * 4).await? {
                 if entry.is_playlist {
                     // A channel lists its tabs (videos, shorts) as playlists.
-                    for inner in self.ytdlp.list(&entry.url, self.max_backfill * 4).await? {
+                    // The tab's URL comes from the listing: it is listed in
+                    // turn only if it is on a site of ours, like the source.
+                    let tab = Url::parse(&entry.url).ok().filter(Ytdlp::is_site_url);
+                    let Some(tab) = tab else {
+                        tracing::warn!(source = %redact(url), "skipping a listed playlist off the known sites");
+                        continue;
+                    };
+                    for inner in self.ytdlp.list(tab.as_str(), self.max_backfill * 4).await? {
                         if !inner.is_playlist {
                             found.push(Found {
                                 url: inner.url,
@@ -258,16 +271,25 @@ impl<C: Catalog> Stage for Discover<C> {
             ));
         }
         // A source seen for the first time (or submitted once) reaches back
-        // only so far; a subscription's later polls take whatever is new.
+        // only so far; a subscription's later polls take what is new, up to
+        // MAX_PER_POLL entries (newest first).
         let limit = match self.catalog.source(&ids::source_id(&url)).await? {
-            Some(s) if s.polls > 1 => usize::MAX,
+            Some(s) if s.polls > 1 => MAX_PER_POLL,
             Some(s) => s.max_backfill.max(0) as usize,
             None => self.max_backfill,
         };
+        if is_source && limit == MAX_PER_POLL && found.len() > limit {
+            tracing::info!(
+                source = %redact(&url),
+                entries = found.len(),
+                limit,
+                "source lists more new entries than one poll takes: the oldest are left out"
+            );
+        }
         let mut out = Vec::new();
         for f in found.into_iter().take(if is_source { limit } else { 1 }) {
             let Ok(video_url) = ids::normalise(&f.url) else {
-                tracing::warn!(source = %url, "skipping an entry with an unusable URL");
+                tracing::warn!(source = %redact(&url), "skipping an entry with an unusable URL");
                 continue;
             };
             let video_id = ids::video_id(&video_url);
