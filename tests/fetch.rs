@@ -828,6 +828,15 @@ async fn media_server(file: Vec<u8>) -> SocketAddr {
                 "/stall.mp3" => {
                     tokio::time::sleep(Duration::from_secs(60)).await;
                 }
+                // A live HLS stream: a media playlist without an end.
+                "/live.m3u8" => {
+                    let playlist = format!(
+                        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:7\n\
+                         #EXTINF:2.0,\nhttp://127.0.0.1:{port}/seg7.ts\n#EXTINF:2.0,\nhttp://127.0.0.1:{port}/seg8.ts\n"
+                    );
+                    respond(&mut s, "200 OK", &[("Content-Type", "application/vnd.apple.mpegurl")], playlist.as_bytes())
+                        .await
+                }
                 "/feed.xml" => {
                     let feed = FEED.replace("ENCLOSURE", &format!("http://127.0.0.1:{port}/ep.mp3"));
                     respond(&mut s, "200 OK", &[("Content-Type", "application/rss+xml")], feed.as_bytes())
@@ -962,6 +971,85 @@ async fn ytdlp_failures_are_classified_and_clean_up() {
         started.elapsed()
     );
     assert!(media_files(&dir).is_empty());
+}
+
+#[tokio::test]
+async fn ytdlp_refuses_a_live_stream_with_a_reason() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let addr = media_server(Vec::new()).await;
+    let dir = work.path().join("download");
+    let err = ytdlp(10 << 20, Duration::from_secs(60))
+        .download(
+            &format!("http://{addr}/live.m3u8"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("a live stream");
+    assert!(err.to_string().contains("live stream"), "{err}");
+    expect_ytdlp_kind(err, "live_stream", ErrorClass::Permanent);
+    assert!(media_files(&dir).is_empty(), "left {:?}", media_files(&dir));
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet: dead all the same).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn ytdlp_is_stopped_with_every_process_it_started() {
+    // An executable in yt-dlp's place that starts a child of its own and
+    // waits, as yt-dlp does with the ffmpeg it hands a stream to.
+    let work = tempfile::tempdir().expect("temp dir");
+    let pid_file = work.path().join("child.pid");
+    let exe = work.path().join("yt-dlp");
+    std::fs::write(
+        &exe,
+        format!(
+            "#!/bin/sh\nsleep 600 &\necho $! > '{}'\nwait\n",
+            pid_file.display()
+        ),
+    )
+    .expect("write the script");
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let watched = pid_file.clone();
+    tokio::spawn(async move {
+        // Cancel once the child is running.
+        while !watched.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.cancel();
+    });
+    let err = Ytdlp::new(&exe, 10 << 20, Duration::from_secs(60))
+        .download("https://example.com/v", &work.path().join("d"), &cancel)
+        .await
+        .expect_err("cancelled");
+    expect_ytdlp_kind(err, "cancelled", ErrorClass::Retryable);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the child's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !gone(pid) {
+        // Do not leave it behind whatever the outcome.
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+        panic!("the child {pid} of the stopped yt-dlp is still running");
+    }
 }
 
 #[tokio::test]

@@ -271,6 +271,11 @@ impl Ytdlp {
             "--no-mtime",
             "-f",
             "bestaudio/best",
+            // A live stream has no end: yt-dlp would hand it to an ffmpeg
+            // of its own that neither --max-filesize nor our size watch
+            // can stop in time. Refused, with a reason (below).
+            "--match-filters",
+            "!is_live",
             "--max-filesize",
         ] {
             args.push(a.into());
@@ -405,6 +410,16 @@ impl Ytdlp {
         // there.
         let exited_ok = out.status.success() || out.status.code() == Some(101);
         let Some(line) = result_line.filter(|_| exited_ok) else {
+            if combined_text(&out).contains("does not pass filter (!is_live)") {
+                return Err(YtdlpError::Failed {
+                    kind: "live_stream",
+                    retryable: false,
+                    message: "a live stream is not downloaded: submit its recording once the \
+                              stream is over"
+                        .into(),
+                    exit: out.status.code(),
+                });
+            }
             if combined_text(&out).contains("larger than max-filesize") {
                 return Err(YtdlpError::TooLarge {
                     limit: self.max_bytes,
@@ -469,18 +484,23 @@ impl Ytdlp {
         watch: Option<&Path>,
         url: &str,
     ) -> Result<RunOutput, YtdlpError> {
-        let mut child = Command::new(&self.exe)
+        let child = Command::new(&self.exe)
             .args(&args)
             .env("PYTHONIOENCODING", "utf-8")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // yt-dlp starts ffmpeg for segmented and live streams: in a
+            // process group of their own they are killed together.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| YtdlpError::Spawn {
                 exe: self.exe.display().to_string(),
                 detail: e.to_string(),
             })?;
+        let mut group = Group(child);
+        let child = &mut group.0;
         tracing::debug!(host = host_of(url), "yt-dlp started");
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -528,9 +548,10 @@ impl Ytdlp {
                 })
             }
             Err(stop) => {
-                // Kill and reap, so no zombie and no writer is left behind.
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                // Kill the whole group and reap, so no zombie and no
+                // writer is left behind.
+                group.kill();
+                let _ = group.0.wait().await;
                 tracing::debug!(host = host_of(url), "yt-dlp stopped");
                 Err(match stop {
                     Stop::Timeout => YtdlpError::Timeout(self.timeout),
@@ -541,6 +562,28 @@ impl Ytdlp {
                 })
             }
         }
+    }
+}
+
+/// yt-dlp's process group. Killing yt-dlp alone would leave an ffmpeg it
+/// started downloading on, re-parented, into a file already unlinked; so
+/// the whole group is killed, on every stop and when the run is dropped.
+/// Only while yt-dlp is not yet reaped: until then its pid, which is the
+/// group's id, cannot have been given to another process.
+struct Group(tokio::process::Child);
+
+impl Group {
+    fn kill(&mut self) {
+        let pid = self.0.id().and_then(|p| i32::try_from(p).ok());
+        if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
