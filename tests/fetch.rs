@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use vidpipe::media::egress::Egress;
 use vidpipe::media::http::{AddressPolicy, FetchError, FetchLimits, Fetcher, Sites};
 use vidpipe::media::ytdlp::{Ytdlp, YtdlpError};
 use vidpipe::template::{ErrorClass, StageError};
@@ -1050,6 +1051,178 @@ async fn ytdlp_is_stopped_with_every_process_it_started() {
             .status();
         panic!("the child {pid} of the stopped yt-dlp is still running");
     }
+}
+
+/// yt-dlp behind the egress proxy, with `allow` exempted from its policy.
+async fn guarded_ytdlp(allow: &str) -> Ytdlp {
+    let policy = AddressPolicy::parse_allow(allow).expect("allow list");
+    let egress = Egress::start(policy, Duration::from_secs(60))
+        .await
+        .expect("the egress proxy starts");
+    ytdlp(10 << 20, Duration::from_secs(60)).with_egress(Arc::new(egress))
+}
+
+#[tokio::test]
+async fn ytdlp_behind_the_egress_proxy_downloads_from_an_allowed_address() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let mp3 = std::fs::read(sine_mp3(work.path())).expect("the MP3 exists");
+    let addr = media_server(mp3.clone()).await;
+    let got = guarded_ytdlp("127.0.0.1/32")
+        .await
+        .download(
+            &format!("http://{addr}/sine.mp3"),
+            &work.path().join("download"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("a download through the proxy");
+    assert_eq!(std::fs::read(&got.path).expect("the file exists"), mp3);
+}
+
+#[tokio::test]
+async fn ytdlp_led_to_a_private_address_is_stopped_by_the_egress_proxy() {
+    // The internal service: loopback 127.0.0.2, not exempted.
+    let (internal, hits) = serve("127.0.0.2:0", |_, mut s| async move {
+        respond(
+            &mut s,
+            "200 OK",
+            &[("Content-Type", "audio/mpeg")],
+            b"internal",
+        )
+        .await
+    })
+    .await;
+    // The site (exempted, like a public one) redirects there.
+    let target = format!("http://{internal}/secret.mp3");
+    let (site, _) = serve("127.0.0.1:0", move |_, mut s| {
+        let target = target.clone();
+        async move { respond(&mut s, "302 Found", &[("Location", target.as_str())], b"").await }
+    })
+    .await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("download");
+    let url = format!("http://{site}/video.mp3");
+    let err = guarded_ytdlp("127.0.0.1/32")
+        .await
+        .download(&url, &dir, &CancellationToken::new())
+        .await
+        .expect_err("the redirect leads to a blocked address");
+    expect_ytdlp_kind(err, "blocked_address", ErrorClass::Permanent);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the internal server was reached"
+    );
+    assert!(media_files(&dir).is_empty());
+    // The premise: yt-dlp on its own follows that redirect.
+    ytdlp(10 << 20, Duration::from_secs(60))
+        .download(&url, &dir, &CancellationToken::new())
+        .await
+        .expect("without the proxy yt-dlp fetches the internal file");
+    assert!(hits.load(Ordering::SeqCst) > 0);
+}
+
+/// Sends `head` to the proxy at `proxy` and returns what it answered
+/// before closing (for a tunnel: after `then` was sent through it).
+async fn through_proxy(proxy: &str, head: &str, then: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.expect("the proxy listens");
+    s.write_all(head.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The proxy's own answer first: up to the end of its head.
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    if got.starts_with(b"HTTP/1.1 200 Connection established") {
+        s.write_all(then).await.expect("send through the tunnel");
+    }
+    s.read_to_end(&mut got).await.expect("read to the end");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
+    let (allowed, _) = serve("127.0.0.1:0", |req, mut s| async move {
+        respond(
+            &mut s,
+            "200 OK",
+            &[],
+            format!("reached {}", req.path).as_bytes(),
+        )
+        .await
+    })
+    .await;
+    let (blocked, hits) = serve("127.0.0.2:0", |_, mut s| async move {
+        respond(&mut s, "200 OK", &[], b"internal").await
+    })
+    .await;
+    let egress = Egress::start(
+        AddressPolicy::parse_allow("127.0.0.1/32").expect("allow list"),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the egress proxy starts");
+    let proxy = egress.proxy_url().trim_start_matches("http://").to_owned();
+
+    let tunnel = through_proxy(
+        &proxy,
+        &format!("CONNECT {allowed} HTTP/1.1\r\nHost: {allowed}\r\n\r\n"),
+        b"GET /in-tunnel HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        tunnel.starts_with("HTTP/1.1 200 Connection established"),
+        "{tunnel}"
+    );
+    assert!(tunnel.ends_with("reached /in-tunnel"), "{tunnel}");
+
+    let forwarded = through_proxy(
+        &proxy,
+        &format!("GET http://{allowed}/plain?q=1 HTTP/1.1\r\nHost: {allowed}\r\nProxy-Connection: keep-alive\r\n\r\n"),
+        b"",
+    )
+    .await;
+    assert!(forwarded.ends_with("reached /plain?q=1"), "{forwarded}");
+
+    for head in [
+        format!("CONNECT {blocked} HTTP/1.1\r\n\r\n"),
+        format!("GET http://{blocked}/x HTTP/1.1\r\nHost: {blocked}\r\n\r\n"),
+    ] {
+        let refused = through_proxy(&proxy, &head, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(
+            refused.starts_with("HTTP/1.1 403 Blocked by vidpipe egress policy"),
+            "{head:?}: {refused}"
+        );
+        assert!(refused.contains("loopback"), "{refused}");
+    }
+    // A name is resolved and its answers checked too (nothing exempted).
+    let strict_egress = Egress::start(AddressPolicy::strict(), Duration::from_secs(30))
+        .await
+        .expect("the egress proxy starts");
+    let strict = strict_egress
+        .proxy_url()
+        .trim_start_matches("http://")
+        .to_owned();
+    for head in [
+        format!("CONNECT localhost:{} HTTP/1.1\r\n\r\n", allowed.port()),
+        format!("GET http://localhost:{}/x HTTP/1.1\r\n\r\n", allowed.port()),
+    ] {
+        let refused = through_proxy(&strict, &head, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(
+            refused.starts_with("HTTP/1.1 403 Blocked by vidpipe egress policy"),
+            "{head:?}: {refused}"
+        );
+        assert!(refused.contains("loopback"), "{refused}");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the blocked server was reached"
+    );
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! ([`ffmpeg`]). Every input is hostile: subprocesses get argument lists,
 //! never shell strings, and every byte goes to disk as it streams.
 
+pub mod egress;
 pub mod ffmpeg;
 pub mod http;
 pub mod ytdlp;

@@ -10,13 +10,17 @@
 //! state it). The output file is named by us (`media.<ext>`); the title is
 //! returned as data and never becomes part of a path.
 //!
-//! yt-dlp connects on its own, so [`super::http`]'s address guard does not
-//! apply: stages use yt-dlp only for known sites ([`Ytdlp::is_site_url`])
-//! and the guarded fetcher for everything else.
+//! yt-dlp connects on its own, following redirects and embeds, so stages
+//! use it only for known sites ([`Ytdlp::is_site_url`]) and the guarded
+//! fetcher for everything else, and give it an egress proxy
+//! ([`Ytdlp::with_egress`], [`super::egress`]) that holds every request it
+//! makes to the same address policy. It runs in a process group of its
+//! own, killed whole: it hands streams to an ffmpeg of its own.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -25,6 +29,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::egress::Egress;
 use crate::template::StageError;
 
 /// Bytes of stderr (and of stdout's messages) kept for error messages.
@@ -148,6 +153,10 @@ impl YtdlpError {
                     "the site is throttling this machine; downloads from it pause for a while"
                 }
                 "http_403" => "the site refused the download; updating yt-dlp often helps",
+                "blocked_address" => {
+                    "yt-dlp was led to a private or reserved address; exempt a range with \
+                     net_allow (e.g. 127.0.0.1/32) only for local testing"
+                }
                 "ytdlp_failed" => "see yt-dlp's message; updating yt-dlp often helps",
                 _ => "",
             },
@@ -210,6 +219,7 @@ pub struct Ytdlp {
     max_bytes: u64,
     timeout: Duration,
     socket_timeout: Duration,
+    egress: Option<Arc<Egress>>,
 }
 
 /// What a finished run left behind.
@@ -228,7 +238,15 @@ impl Ytdlp {
             max_bytes,
             timeout,
             socket_timeout: Duration::from_secs(30).min(timeout.max(Duration::from_secs(1))),
+            egress: None,
         }
+    }
+
+    /// Sends every request yt-dlp makes through `egress`, which holds them
+    /// to the address policy (see [`super::egress`]).
+    pub fn with_egress(mut self, egress: Arc<Egress>) -> Self {
+        self.egress = Some(egress);
+        self
     }
 
     /// Sets yt-dlp's per-connection inactivity timeout (default 30 s).
@@ -259,7 +277,7 @@ impl Ytdlp {
         // A random marker: a hostile title echoed in yt-dlp's messages
         // cannot forge the result line.
         let marker = format!("vidpipe-result-{:016x}", rand::rng().random::<u64>());
-        let mut args: Vec<OsString> = common_args(self.socket_timeout);
+        let mut args: Vec<OsString> = common_args(self.socket_timeout, self.egress.as_deref());
         for a in [
             "--no-playlist",
             // A URL that is only a playlist would otherwise download all.
@@ -315,7 +333,7 @@ impl Ytdlp {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut args = common_args(self.socket_timeout);
+        let mut args = common_args(self.socket_timeout, self.egress.as_deref());
         for a in ["--flat-playlist", "-J", "--playlist-end"] {
             args.push(a.into());
         }
@@ -588,15 +606,21 @@ impl Drop for Group {
 }
 
 /// Options of every run: nothing from the machine's configuration,
-/// plugins or cache, and a bounded wait per connection.
-fn common_args(socket_timeout: Duration) -> Vec<OsString> {
-    vec![
+/// plugins or cache, a bounded wait per connection, and every request
+/// through the egress proxy when there is one.
+fn common_args(socket_timeout: Duration, egress: Option<&Egress>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
         "--ignore-config".into(),
         "--no-plugin-dirs".into(),
         "--no-cache-dir".into(),
         "--socket-timeout".into(),
         socket_timeout.as_secs().max(1).to_string().into(),
-    ]
+    ];
+    if let Some(egress) = egress {
+        args.push("--proxy".into());
+        args.push(egress.proxy_url().into());
+    }
+    args
 }
 
 /// Refuses URLs that are not plain http(s), before anything is spawned.
@@ -752,7 +776,9 @@ fn failure(out: &RunOutput, url: &str) -> YtdlpError {
 fn classify(text: &str) -> (&'static str, bool) {
     let t = text.to_lowercase();
     let has = |s: &str| t.contains(s);
-    if has("larger than max-filesize") {
+    if has(&super::egress::REFUSED.to_lowercase()) {
+        ("blocked_address", false)
+    } else if has("larger than max-filesize") {
         ("too_large", false)
     } else if has("http error 429") || has("too many requests") {
         ("rate_limited", true)

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backends::asr::{AsrOptions, Backend, GoogleAsr, OpenAiAsr};
 use crate::backends::summarize::{ChatOptions, ChatSummarizer, ExtractiveOptions};
 use crate::config::Config;
+use crate::media::egress::Egress;
 use crate::media::ffmpeg::Limits;
 use crate::media::http::{AddressPolicy, FetchLimits, Fetcher, Sites};
 use crate::media::ytdlp::Ytdlp;
@@ -90,8 +91,14 @@ impl Services {
             .await
             .map_err(|e| RunError::Database(crate::store::db::describe(&config.database_url), e))?;
         let m = &config.media;
+        let policy = AddressPolicy::parse_allow(&config.net_allow).map_err(|e| cfg(&e))?;
+        let download_timeout = Duration::from_secs(m.download_timeout_secs);
+        // yt-dlp's own requests are held to the same policy as ours.
+        let egress = Egress::start(policy.clone(), download_timeout)
+            .await
+            .map_err(|e| RunError::Config(format!("cannot start yt-dlp's egress proxy: {e}")))?;
         let fetcher = Fetcher::new(
-            AddressPolicy::parse_allow(&config.net_allow).map_err(|e| cfg(&e))?,
+            policy,
             FetchLimits {
                 max_bytes: m.max_download_bytes,
                 deadline: Duration::from_secs(m.download_timeout_secs),
@@ -110,11 +117,8 @@ impl Services {
             status: config.runner.status.then(|| StatusStore::new(pool)),
             fetcher,
             sites: Arc::new(Sites::new(m.per_site)),
-            ytdlp: Ytdlp::new(
-                &config.ytdlp,
-                m.max_download_bytes,
-                Duration::from_secs(m.download_timeout_secs),
-            ),
+            ytdlp: Ytdlp::new(&config.ytdlp, m.max_download_bytes, download_timeout)
+                .with_egress(Arc::new(egress)),
             codec,
             restarter,
             config,
