@@ -247,6 +247,83 @@ async fn speech_in_a_video_becomes_one_16k_mono_chunk() {
     assert_eq!(again.audio_sha256, got.audio_sha256);
 }
 
+/// Writes an executable script at `path` that saves its environment
+/// (`env -0`) to `dump` and fails.
+fn env_dumper(path: &Path, dump: &Path) {
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\nenv -0 > '{}'\nexit 1\n", dump.display()),
+    )
+    .expect("write the script");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+}
+
+/// The names of the variables in an `env -0` dump.
+fn dumped_names(dump: &Path) -> Vec<String> {
+    std::fs::read(dump)
+        .expect("the tool ran and dumped its environment")
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            String::from_utf8_lossy(v.split(|b| *b == b'=').next().unwrap_or_default()).into_owned()
+        })
+        .collect()
+}
+
+/// ffmpeg, ffprobe and yt-dlp parse hostile input: they get PATH, HOME,
+/// locale and TLS settings, and none of the rest of vidpipe's environment
+/// (the test's own has CARGO_* and VIDPIPE_* variables at least).
+#[tokio::test]
+async fn tools_get_none_of_vidpipes_environment_but_the_basics() {
+    // yt-dlp is also told its output encoding, and sh sets the last three.
+    let extra = ["PYTHONIOENCODING", "PWD", "SHLVL", "_"];
+    let allowed: Vec<&str> = vidpipe::media::TOOL_ENV
+        .iter()
+        .chain(&extra)
+        .copied()
+        .collect();
+    assert!(std::env::vars_os().any(|(k, _)| !allowed.iter().any(|a| *a == k)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mp4, _) = speech_mp4(dir.path(), "talk.mp4", false).await;
+
+    let probe_dump = dir.path().join("ffprobe.env");
+    env_dumper(&dir.path().join("ffprobe"), &probe_dump);
+    let limits = Limits {
+        ffprobe: dir.path().join("ffprobe"),
+        ..Limits::default()
+    };
+    ffmpeg::extract(
+        &mp4,
+        &dir.path().join("out"),
+        &limits,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("the stand-in ffprobe fails");
+
+    let ytdlp_dump = dir.path().join("yt-dlp.env");
+    env_dumper(&dir.path().join("yt-dlp"), &ytdlp_dump);
+    vidpipe::media::ytdlp::Ytdlp::new(dir.path().join("yt-dlp"), 1 << 20, Duration::from_secs(30))
+        .download(
+            "https://example.com/v",
+            &dir.path().join("d"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("the stand-in yt-dlp fails");
+
+    for dump in [probe_dump, ytdlp_dump] {
+        let names = dumped_names(&dump);
+        assert!(names.iter().any(|n| n == "PATH"), "{dump:?}: {names:?}");
+        let leaked: Vec<&String> = names
+            .iter()
+            .filter(|n| !allowed.contains(&n.as_str()))
+            .collect();
+        assert!(leaked.is_empty(), "{dump:?} got {leaked:?}");
+    }
+}
+
 /// `media.ffmpeg` and `media.ffprobe` name the executables started (a
 /// static build of one's own, say): paths work, and a wrong one fails with
 /// its own name although the default is on PATH.

@@ -1195,12 +1195,13 @@ fn start_tool(
         if own_session {
             yield_cpu(&mut cmd, niceness);
         }
-        cmd.args(args)
+        // Also keeps FFREPORT out, which would make ffmpeg write an
+        // unbounded log file of its own.
+        super::tool_env(&mut cmd)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // FFREPORT would make ffmpeg write an unbounded log file of its own.
-            .env_remove("FFREPORT")
             .kill_on_drop(true)
             .spawn()
     };

@@ -502,7 +502,7 @@ impl Ytdlp {
         watch: Option<&Path>,
         url: &str,
     ) -> Result<RunOutput, YtdlpError> {
-        let child = Command::new(&self.exe)
+        let child = super::tool_env(&mut Command::new(&self.exe))
             .args(&args)
             .env("PYTHONIOENCODING", "utf-8")
             .stdin(Stdio::null())
