@@ -83,3 +83,144 @@ async fn each_due_source_is_claimed_by_exactly_one_of_many_pollers() {
         .collect();
     assert!(polls.iter().all(|p| *p == 1), "one poll each");
 }
+
+/// Serves `body` as an RSS feed to every request; returns the feed's URL.
+async fn serve_feed(body: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/rss+xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/feed.xml")
+}
+
+struct NoRestarts;
+
+impl vidpipe::stages::discover::Restarter for NoRestarts {
+    fn restart<'a>(
+        &'a self,
+        _: &'a vidpipe::stages::discover::RestartRequest,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<vidpipe::stages::discover::Restarted, vidpipe::template::StageError>,
+    > {
+        panic!("no restart is asked for here")
+    }
+}
+
+/// A subscription's later poll takes the newest 500 entries of a feed that
+/// lists 600 new ones (a hostile feed could list a hundred thousand), and
+/// its first poll only its backfill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first() {
+    use vidpipe::media::http::{AddressPolicy, FetchLimits, Fetcher};
+    use vidpipe::records::{Command, Meta};
+    use vidpipe::template::{Context, Stage};
+
+    let items: String = (0..600)
+        .map(|i| {
+            let day = pub_date(i);
+            format!(
+                "<item><title>Episode {i}</title><pubDate>{day}</pubDate>\
+                 <enclosure url=\"https://media.example.com/ep{i}.mp3\" type=\"audio/mpeg\" length=\"1\"/></item>"
+            )
+        })
+        .collect();
+    let feed = format!(
+        "<?xml version=\"1.0\"?><rss version=\"2.0\"><channel><title>Big</title>{items}</channel></rss>"
+    );
+    let url = serve_feed(feed).await;
+    let (pool, _) = fresh_database(&config()).await;
+    let catalog = PgCatalog::new(pool.clone());
+    let source_id = vidpipe::ids::source_id(&vidpipe::ids::normalise(&url).unwrap());
+    catalog
+        .add_source(&source_id, &url, Duration::from_secs(3600), 5)
+        .await
+        .unwrap();
+    let discover = vidpipe::stages::discover::Discover {
+        fetcher: Fetcher::new(
+            AddressPolicy::parse_allow("127.0.0.1/32").unwrap(),
+            FetchLimits::default(),
+        )
+        .unwrap(),
+        ytdlp: vidpipe::media::ytdlp::Ytdlp::new("yt-dlp", 1 << 20, Duration::from_secs(30)),
+        catalog,
+        max_backfill: 20,
+        restarter: std::sync::Arc::new(NoRestarts),
+    };
+    let poll = |n: u32| Command {
+        meta: Meta::new(source_id.clone()),
+        command_id: format!("poll-{n}"),
+        url: Some(url.clone()),
+        start_stage: None,
+        requested_by: None,
+        options: Default::default(),
+        submitted_at: 0,
+    };
+    let ctx = Context {
+        stage: "discover",
+        meta: Meta::new(source_id.clone()),
+        attempt: 1,
+        cancel: Default::default(),
+    };
+    let episodes = |found: &[vidpipe::records::VideoDiscovered]| -> Vec<String> {
+        found
+            .iter()
+            .map(|v| v.title.clone().unwrap_or_default())
+            .collect()
+    };
+
+    // The first poll: the subscription's backfill of 5, newest first.
+    sqlx::query("UPDATE sources SET polls = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let first = discover.process(poll(1), &ctx).await.expect("first poll");
+    assert_eq!(
+        episodes(&first),
+        (595..600)
+            .rev()
+            .map(|i| format!("Episode {i}"))
+            .collect::<Vec<_>>()
+    );
+    // A later poll: everything new, up to 500 entries; the 5 already
+    // claimed are among them and yield nothing.
+    sqlx::query("UPDATE sources SET polls = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let later = discover.process(poll(2), &ctx).await.expect("later poll");
+    assert_eq!(
+        episodes(&later),
+        (100..595)
+            .rev()
+            .map(|i| format!("Episode {i}"))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// An RFC 2822 date (no weekday) `i` minutes after a fixed hour, so that entry `i` is
+/// newer than entry `i - 1`.
+fn pub_date(i: u32) -> String {
+    format!("02 Nov 2026 {:02}:{:02}:00 +0000", 10 + i / 60, i % 60)
+}
