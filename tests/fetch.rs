@@ -1146,7 +1146,7 @@ async fn through_proxy(proxy: &str, head: &str, then: &[u8]) -> String {
 
 #[tokio::test]
 async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
-    let (allowed, _) = serve("127.0.0.1:0", |req, mut s| async move {
+    let (allowed, allowed_hits) = serve("127.0.0.1:0", |req, mut s| async move {
         respond(
             &mut s,
             "200 OK",
@@ -1207,6 +1207,7 @@ async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
         .proxy_url()
         .trim_start_matches("http://")
         .to_owned();
+    let before = allowed_hits.load(Ordering::SeqCst);
     for head in [
         format!("CONNECT localhost:{} HTTP/1.1\r\n\r\n", allowed.port()),
         format!("GET http://localhost:{}/x HTTP/1.1\r\n\r\n", allowed.port()),
@@ -1219,9 +1220,107 @@ async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
         assert!(refused.contains("loopback"), "{refused}");
     }
     assert_eq!(
+        allowed_hits.load(Ordering::SeqCst),
+        before,
+        "connected anyway"
+    );
+    assert_eq!(
         hits.load(Ordering::SeqCst),
         0,
         "the blocked server was reached"
+    );
+}
+
+/// A playlist yt-dlp cannot download natively (SAMPLE-AES) would go to
+/// ffmpeg, whose HLS demuxer opens an `httpproxy://` segment itself: a TCP
+/// connection to any address, past the egress proxy. yt-dlp gets no ffmpeg,
+/// so the run fails and nothing connects.
+#[tokio::test]
+async fn ytdlp_hands_no_stream_to_an_ffmpeg_that_would_bypass_the_proxy() {
+    let (internal, hits) = serve("127.0.0.2:0", |_, mut s| async move {
+        respond(&mut s, "200 OK", &[], b"internal").await
+    })
+    .await;
+    let (site, _) = serve("127.0.0.1:0", move |req, mut s| async move {
+        let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
+        let playlist = format!(
+            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n\
+             #EXT-X-KEY:METHOD=SAMPLE-AES,URI=\"http://127.0.0.1:{port}/key\"\n\
+             #EXTINF:2.0,\nhttpproxy://{internal}/x.ts\n#EXT-X-ENDLIST\n"
+        );
+        match req.path.as_str() {
+            "/vod.m3u8" => {
+                let mpegurl = [("Content-Type", "application/vnd.apple.mpegurl")];
+                respond(&mut s, "200 OK", &mpegurl, playlist.as_bytes()).await
+            }
+            _ => respond(&mut s, "200 OK", &[], b"0123456789abcdef").await,
+        }
+    })
+    .await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("download");
+    guarded_ytdlp("127.0.0.1/32")
+        .await
+        .download(
+            &format!("http://{site}/vod.m3u8"),
+            &dir,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("no ffmpeg to hand the stream to");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "something connected to {internal}"
+    );
+    assert!(media_files(&dir).is_empty());
+}
+
+/// One plain-http request per proxy connection: a second one sent on it
+/// (for another host, say) never reaches the first request's server.
+#[tokio::test]
+async fn the_egress_proxy_forwards_one_request_and_its_body_per_connection() {
+    // A server that answers with everything it received in 500 ms.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let upstream = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                while let Ok(Ok(n)) = tokio::time::timeout_at(until, s.read(&mut buf)).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                respond(&mut s, "200 OK", &[], &got).await;
+            });
+        }
+    });
+    let egress = Egress::start(
+        AddressPolicy::parse_allow("127.0.0.1/32").expect("allow list"),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the egress proxy starts");
+    let proxy = egress.proxy_url().trim_start_matches("http://").to_owned();
+    let mut s = TcpStream::connect(&proxy).await.expect("the proxy listens");
+    let two = format!(
+        "POST http://{upstream}/one HTTP/1.1\r\nHost: {upstream}\r\nContent-Length: 4\r\n\r\nbody\
+         GET http://example.com/two HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    );
+    s.write_all(two.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.expect("read");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert!(got.contains("POST /one HTTP/1.1\r\n"), "{got}");
+    assert!(got.contains("Connection: close\r\n\r\nbody"), "{got}");
+    assert!(
+        !got.contains("two"),
+        "a second request was forwarded: {got}"
     );
 }
 

@@ -13,9 +13,11 @@
 //! yt-dlp connects on its own, following redirects and embeds, so stages
 //! use it only for known sites ([`Ytdlp::is_site_url`]) and the guarded
 //! fetcher for everything else, and give it an egress proxy
-//! ([`Ytdlp::with_egress`], [`super::egress`]) that holds every request it
-//! makes to the same address policy. It runs in a process group of its
-//! own, killed whole: it hands streams to an ffmpeg of its own.
+//! ([`Ytdlp::with_egress`], [`super::egress`]) that holds the requests of
+//! its HTTP handlers to the same address policy. It gets no ffmpeg and
+//! only http(s) and native HLS formats, since ffmpeg and the rtmp/rtsp
+//! programs would connect past the proxy. It runs in a process group of
+//! its own, killed whole.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -288,7 +290,10 @@ impl Ytdlp {
             "--force-overwrites",
             "--no-mtime",
             "-f",
-            "bestaudio/best",
+            // Formats yt-dlp fetches itself, over http(s) through the egress
+            // proxy: no rtmp or rtsp (other programs, no proxy).
+            "bestaudio[protocol^=http]/bestaudio[protocol=m3u8_native]/\
+             best[protocol^=http]/best[protocol=m3u8_native]",
             // A live stream has no end: yt-dlp would hand it to an ffmpeg
             // of its own that neither --max-filesize nor our size watch
             // can stop in time. Refused, with a reason (below).
@@ -342,7 +347,7 @@ impl Ytdlp {
         args.push(url.into());
         let out = self.run(args, None, LIST_STDOUT_CAP, None, url).await?;
         if !out.status.success() {
-            return Err(failure(&out, url));
+            return Err(self.failure(&out, url));
         }
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| YtdlpError::Output(format!("the listing is not JSON: {e}")))?;
@@ -444,7 +449,7 @@ impl Ytdlp {
                 });
             }
             if !exited_ok {
-                return Err(failure(&out, url));
+                return Err(self.failure(&out, url));
             }
             return Err(YtdlpError::Output(
                 "yt-dlp finished without reporting a file (nothing matched the format?)".into(),
@@ -616,6 +621,12 @@ fn common_args(socket_timeout: Duration, egress: Option<&Egress>) -> Vec<OsStrin
         "--socket-timeout".into(),
         socket_timeout.as_secs().max(1).to_string().into(),
     ];
+    // No ffmpeg for yt-dlp: its HLS demuxer connects by itself, past the
+    // proxy (a playlist can name an `httpproxy://` segment on any address),
+    // and vidpipe extracts audio with its own. yt-dlp takes a missing path
+    // as "no ffmpeg" and does not look on PATH then.
+    args.push("--ffmpeg-location".into());
+    args.push("/dev/null/no-ffmpeg".into());
     if let Some(egress) = egress {
         args.push("--proxy".into());
         args.push(egress.proxy_url().into());
@@ -745,6 +756,27 @@ fn combined_text(out: &RunOutput) -> String {
 
 /// Classifies a failed run from yt-dlp's ERROR lines (or, without any,
 /// from the whole tail of its output).
+impl Ytdlp {
+    /// The error of a failed run; a refusal of this instance's egress proxy
+    /// (its reason phrase carries a token no server can know) is
+    /// `blocked_address`.
+    fn failure(&self, out: &RunOutput, url: &str) -> YtdlpError {
+        let refused = self
+            .egress
+            .as_ref()
+            .is_some_and(|e| combined_text(out).contains(e.refusal()));
+        match failure(out, url) {
+            YtdlpError::Failed { message, exit, .. } if refused => YtdlpError::Failed {
+                kind: "blocked_address",
+                retryable: false,
+                message,
+                exit,
+            },
+            other => other,
+        }
+    }
+}
+
 fn failure(out: &RunOutput, url: &str) -> YtdlpError {
     let text = combined_text(out);
     let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR:")).collect();
@@ -776,9 +808,7 @@ fn failure(out: &RunOutput, url: &str) -> YtdlpError {
 fn classify(text: &str) -> (&'static str, bool) {
     let t = text.to_lowercase();
     let has = |s: &str| t.contains(s);
-    if has(&super::egress::REFUSED.to_lowercase()) {
-        ("blocked_address", false)
-    } else if has("larger than max-filesize") {
+    if has("larger than max-filesize") {
         ("too_large", false)
     } else if has("http error 429") || has("too many requests") {
         ("rate_limited", true)
