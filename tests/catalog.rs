@@ -128,14 +128,92 @@ impl vidpipe::stages::discover::Restarter for NoRestarts {
     }
 }
 
+/// Discover on `catalog`, fetching from loopback (where the tests serve).
+fn discover_with(catalog: PgCatalog) -> vidpipe::stages::discover::Discover<PgCatalog> {
+    use vidpipe::media::http::{AddressPolicy, FetchLimits, Fetcher};
+    vidpipe::stages::discover::Discover {
+        fetcher: Fetcher::new(
+            AddressPolicy::parse_allow("127.0.0.1/32").unwrap(),
+            FetchLimits::default(),
+        )
+        .unwrap(),
+        ytdlp: vidpipe::media::ytdlp::Ytdlp::new("yt-dlp", 1 << 20, Duration::from_secs(30)),
+        catalog,
+        max_backfill: 20,
+        restarter: std::sync::Arc::new(NoRestarts),
+    }
+}
+
+/// The `n`th command to discover the source `source_id` at `url`.
+fn source_command(source_id: &str, url: &str, n: u32) -> vidpipe::records::Command {
+    vidpipe::records::Command {
+        meta: vidpipe::records::Meta::new(source_id),
+        command_id: format!("poll-{n}"),
+        url: Some(url.to_string()),
+        start_stage: None,
+        requested_by: None,
+        options: Default::default(),
+        submitted_at: 0,
+    }
+}
+
+fn context(source_id: &str) -> vidpipe::template::Context {
+    vidpipe::template::Context {
+        stage: "discover",
+        meta: vidpipe::records::Meta::new(source_id),
+        attempt: 1,
+        cancel: Default::default(),
+    }
+}
+
+/// A feed that never arrives does not hold discovery past a cancellation
+/// (a shutdown, a lost partition): it ends, retryable, when cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_stops_waiting_for_a_feed_when_cancelled() {
+    use vidpipe::template::{ErrorClass, Stage};
+    // Accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let url = format!("http://{}/feed.xml", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let (pool, _) = fresh_database(&config()).await;
+    let discover = discover_with(PgCatalog::new(pool));
+    let source_id = vidpipe::ids::source_id(&vidpipe::ids::normalise(&url).unwrap());
+    let ctx = context(&source_id);
+    let cancel = ctx.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+    });
+    let started = std::time::Instant::now();
+    let err = discover
+        .process(source_command(&source_id, &url, 1), &ctx)
+        .await
+        .expect_err("cancelled");
+    assert_eq!(
+        (err.kind.as_str(), err.class),
+        ("cancelled", ErrorClass::Retryable)
+    );
+    // The fetcher's own deadline is 30 minutes.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A subscription's later poll takes the newest 500 entries of a feed that
 /// lists 600 new ones (a hostile feed could list a hundred thousand), and
 /// its first poll only its backfill.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first() {
-    use vidpipe::media::http::{AddressPolicy, FetchLimits, Fetcher};
-    use vidpipe::records::{Command, Meta};
-    use vidpipe::template::{Context, Stage};
+    use vidpipe::template::Stage;
 
     let items: String = (0..600)
         .map(|i| {
@@ -157,32 +235,9 @@ async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first()
         .add_source(&source_id, &url, Duration::from_secs(3600), 5)
         .await
         .unwrap();
-    let discover = vidpipe::stages::discover::Discover {
-        fetcher: Fetcher::new(
-            AddressPolicy::parse_allow("127.0.0.1/32").unwrap(),
-            FetchLimits::default(),
-        )
-        .unwrap(),
-        ytdlp: vidpipe::media::ytdlp::Ytdlp::new("yt-dlp", 1 << 20, Duration::from_secs(30)),
-        catalog,
-        max_backfill: 20,
-        restarter: std::sync::Arc::new(NoRestarts),
-    };
-    let poll = |n: u32| Command {
-        meta: Meta::new(source_id.clone()),
-        command_id: format!("poll-{n}"),
-        url: Some(url.clone()),
-        start_stage: None,
-        requested_by: None,
-        options: Default::default(),
-        submitted_at: 0,
-    };
-    let ctx = Context {
-        stage: "discover",
-        meta: Meta::new(source_id.clone()),
-        attempt: 1,
-        cancel: Default::default(),
-    };
+    let discover = discover_with(catalog);
+    let poll = |n: u32| source_command(&source_id, &url, n);
+    let ctx = context(&source_id);
     let episodes = |found: &[vidpipe::records::VideoDiscovered]| -> Vec<String> {
         found
             .iter()

@@ -226,7 +226,7 @@ impl<C: Catalog> Stage for Discover<C> {
     async fn process(
         &self,
         cmd: Command,
-        _ctx: &Context,
+        ctx: &Context,
     ) -> Result<Vec<VideoDiscovered>, StageError> {
         if let Some(stage) = restart_stage(&cmd) {
             let request = RestartRequest {
@@ -262,7 +262,15 @@ impl<C: Catalog> Stage for Discover<C> {
             .ok_or_else(|| StageError::permanent("bad_command", "the command has no URL"))?;
         let url =
             ids::normalise(raw).map_err(|e| StageError::permanent("bad_url", e.to_string()))?;
-        let (found, is_source) = self.resolve(&url).await?;
+        // Listing a channel or reading a feed can take up to the download
+        // deadline: a shutdown or a lost partition must not wait for it
+        // (dropping the work kills yt-dlp and closes the connection).
+        let (found, is_source) = tokio::select! {
+            r = self.resolve(&url) => r?,
+            _ = ctx.cancel.cancelled() => {
+                return Err(StageError::retryable("cancelled", "discovery was cancelled"));
+            }
+        };
         if is_source && self.is_video(&cmd) {
             return Err(StageError::permanent(
                 "is_a_source",
