@@ -289,6 +289,11 @@ pub struct Config {
     /// API key for the chat-completions endpoint.
     #[serde(serialize_with = "expose_opt")]
     pub llm_api_key: Option<SecretString>,
+    /// Bearer token that `vidpipe serve` requires for every request that
+    /// changes something (submit, subscriptions, replay). Unset, the API
+    /// listens on loopback addresses only.
+    #[serde(serialize_with = "expose_opt")]
+    pub api_token: Option<SecretString>,
     /// Blob store: a directory, or an `s3://bucket/prefix` URL (see `s3`).
     pub storage: String,
     /// The S3-compatible store's endpoint, region and credentials.
@@ -339,6 +344,7 @@ impl Default for Config {
             llm_url: None,
             llm_model: None,
             llm_api_key: None,
+            api_token: None,
             storage: ".stack/blobs".into(),
             s3: S3Config::default(),
             topic_prefix: "vidpipe.".into(),
@@ -419,6 +425,17 @@ impl Config {
         };
         if self.kafka_brokers.trim().is_empty() {
             return Err(invalid("kafka_brokers", "must name at least one broker"));
+        }
+        if let Some(token) = &self.api_token {
+            let token = token.expose_secret();
+            if token.chars().count() < 16
+                || token.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    "api_token",
+                    "must be at least 16 characters, without spaces (e.g. openssl rand -hex 24)",
+                ));
+            }
         }
         check_url(
             "database_url",
@@ -732,6 +749,36 @@ mod tests {
                     .to_string();
                 assert!(err.contains(&format!("media.{key}")), "{value:?}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn an_api_token_is_long_and_has_no_spaces() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let set = load("api_token = \"0123456789abcdef\"").expect("16 characters");
+        assert_eq!(
+            set.api_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_string()),
+            Some("0123456789abcdef".into())
+        );
+        assert!(
+            !format!("{set:?}").contains("0123456789abcdef"),
+            "Debug hides it"
+        );
+        for bad in ["short", "0123456789abcdef ", "0123456789 abcdef"] {
+            let err = load(&format!("api_token = \"{bad}\""))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("api_token"), "{err}");
+            assert!(
+                !err.contains(bad.trim()),
+                "the error shows the token: {err}"
+            );
         }
     }
 

@@ -224,7 +224,8 @@ enum Command {
     #[command(after_help = concat!(
         "Examples:\n",
         "  vidpipe serve                          # http://127.0.0.1:8686/\n",
-        "  vidpipe serve --listen 0.0.0.0:8686    # for other hosts\n",
+        "  VIDPIPE_API_TOKEN=$(openssl rand -hex 24) vidpipe serve --listen 0.0.0.0:8686\n",
+        "                                         # other hosts: changes need the token\n",
         "  curl -s localhost:8686/api/v1/videos   # the latest videos, as JSON",
     ))]
     Serve {

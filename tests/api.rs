@@ -36,6 +36,11 @@ impl Server {
     /// Starts `vidpipe serve --listen 127.0.0.1:0` with `c`'s topics and
     /// blobs and the given database; waits for the address it prints.
     async fn start(c: &Config, database_url: &str) -> Self {
+        Self::start_with(c, database_url, &[]).await
+    }
+
+    /// [`start`](Self::start) with more environment variables.
+    async fn start_with(c: &Config, database_url: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vidpipe"))
@@ -44,6 +49,7 @@ impl Server {
             .env("VIDPIPE_DATABASE_URL", database_url)
             .env("VIDPIPE_STORAGE", &c.storage)
             .env("VIDPIPE_LOG", "info")
+            .envs(env.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -972,4 +978,63 @@ async fn readyz_names_postgresql_when_the_database_does_not_answer() {
         "index without a database",
     );
     assert!(a.body.contains("PostgreSQL"), "{}", a.body);
+}
+
+/// With `api_token` set, whatever changes something needs the token;
+/// reading does not (the status pages only read).
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_need_the_api_token_and_reads_do_not() {
+    let c = config();
+    let (_, database_url) = crate::helpers::fresh_database_url(&c).await;
+    let token = "tok-0123456789abcdef";
+    let server = Server::start_with(
+        &c,
+        database_url.expose_secret(),
+        &[("VIDPIPE_API_TOKEN", token)],
+    )
+    .await;
+    let api = Client {
+        http: reqwest::Client::new(),
+        server,
+    };
+    let a = api.get("/api/v1/sources").await;
+    api.expect(&a, StatusCode::OK, "reading without a token");
+    let body = json!({"url": "https://example.com/feed.xml", "every_secs": 3600});
+    for auth in [None, Some("Bearer tok-0123456789abcdeX"), Some(token)] {
+        let mut req = api.http.post(api.server.url("/api/v1/sources")).json(&body);
+        if let Some(auth) = auth {
+            req = req.header("Authorization", auth);
+        }
+        let a = answer(req).await;
+        api.expect(&a, StatusCode::UNAUTHORIZED, &format!("{auth:?}"));
+        assert!(a.body.contains("Authorization: Bearer"), "{}", a.body);
+    }
+    let a = answer(
+        api.http
+            .post(api.server.url("/api/v1/sources"))
+            .header("Authorization", format!("Bearer {token}"))
+            .json(&body),
+    )
+    .await;
+    api.expect(&a, StatusCode::CREATED, "adding with the token");
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let a = api.delete(&format!("/api/v1/sources/{}", enc(&id))).await;
+    api.expect(&a, StatusCode::UNAUTHORIZED, "removing without the token");
+}
+
+/// Without a token the API listens on loopback addresses only.
+#[tokio::test]
+async fn serve_refuses_a_public_address_without_a_token() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vidpipe"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("VIDPIPE_API_TOKEN")
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run vidpipe serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("api_token"), "{stderr}");
+    assert!(stderr.contains("0.0.0.0:0"), "{stderr}");
 }

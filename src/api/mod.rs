@@ -87,6 +87,14 @@ pub enum ServeError {
     /// The server stopped with an I/O error.
     #[error("the HTTP server failed: {0}")]
     Server(std::io::Error),
+    /// A non-loopback address without `api_token`: anyone who can reach it
+    /// could submit, replay and unsubscribe.
+    #[error(
+        "refusing to listen on {0} without api_token: anyone who can reach it could submit, \
+         replay and remove subscriptions; set api_token (VIDPIPE_API_TOKEN, at least 16 \
+         characters) or listen on 127.0.0.1"
+    )]
+    Unprotected(String),
 }
 
 impl ServeError {
@@ -94,7 +102,7 @@ impl ServeError {
     /// address cannot be had, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Listen(_) | Self::Config(_) => 2,
+            Self::Listen(_) | Self::Config(_) | Self::Unprotected(_) => 2,
             Self::Bind { .. } => 3,
             Self::Metrics(_) | Self::Server(_) => 1,
         }
@@ -207,7 +215,12 @@ impl State {
             Ok(r) => Err(format!("answered {}", r.status())),
             Err(e) => Err(e.without_url().to_string()),
         };
-        check("schema-registry", "the schema registry", url, outcome)
+        // /readyz is open to anyone who reaches the port: a registry URL may
+        // carry a user and password.
+        let shown = url::Url::parse(url)
+            .map(|u| crate::media::http::redact(&u))
+            .unwrap_or_else(|_| "its configured URL".to_string());
+        check("schema-registry", "the schema registry", &shown, outcome)
     }
 
     /// Asks every service at once.
@@ -466,9 +479,56 @@ pub fn app(state: Arc<State>) -> Router {
     .merge(page::routes())
     .fallback(not_found)
     .layer(DefaultBodyLimit::max(MAX_BODY))
+    .layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        require_token,
+    ))
     .layer(middleware::from_fn(metrics::track))
     .layer(middleware::from_fn(security_headers))
     .with_state(state)
+}
+
+/// With `api_token` set, a request that changes something (any method but
+/// GET, HEAD and OPTIONS) must carry `Authorization: Bearer <token>`.
+/// Reading stays open: the status pages only read.
+async fn require_token(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let reads = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let Some(token) = state.config.api_token.as_ref().filter(|_| !reads) else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
+        return next.run(req).await;
+    }
+    let mut response = (
+        axum::http::StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({
+            "error": "this request changes something: send Authorization: Bearer <api_token>"
+        })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// JSON under `/api/`, a page elsewhere.
@@ -521,6 +581,9 @@ pub async fn serve(
     let addr: std::net::SocketAddr = listen
         .parse()
         .map_err(|_| ServeError::Listen(listen.to_string()))?;
+    if !addr.ip().is_loopback() && config.api_token.is_none() {
+        return Err(ServeError::Unprotected(addr.to_string()));
+    }
     let handle = metrics::install().map_err(ServeError::Metrics)?;
     let state = Arc::new(State::new(config, Some(handle))?);
     let listener = tokio::net::TcpListener::bind(addr)
