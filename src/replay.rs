@@ -340,7 +340,9 @@ pub struct Replayed {
     pub video_id: String,
     /// The generation it had.
     pub from_generation: i64,
-    /// The generation it now runs as.
+    /// The generation it now runs as. Named as in a dry run's plan and in
+    /// the API's answer, so `--json` output has one shape.
+    #[serde(rename = "to_generation")]
     pub generation: i64,
     /// Where the input record came from.
     pub source: Source,
@@ -1377,6 +1379,22 @@ impl Restarter for Restarts {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_replay_prints_as_its_dry_run_does() {
+        let done = serde_json::to_value(Replayed {
+            video_id: "url:1".into(),
+            from_generation: 1,
+            generation: 2,
+            source: Source::Topic,
+        })
+        .unwrap();
+        assert_eq!(
+            done,
+            serde_json::json!({"video_id": "url:1", "from_generation": 1, "to_generation": 2, "source": "topic"})
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -279,3 +279,31 @@ async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first()
 fn pub_date(i: u32) -> String {
     format!("02 Nov 2026 {:02}:{:02}:00 +0000", 10 + i / 60, i % 60)
 }
+
+/// `sources remove URL` finds the subscription however the URL is spelt,
+/// as long as it is the same source (host case, default port, tracking
+/// parameters).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_is_removed_by_any_spelling_of_its_url() {
+    let (pool, _) = fresh_database(&config()).await;
+    let catalog = PgCatalog::new(pool);
+    let url = vidpipe::ids::normalise("https://example.com/feed.xml").unwrap();
+    let id = vidpipe::ids::source_id(&url);
+    catalog
+        .add_source(&id, url.as_str(), Duration::from_secs(3600), 5)
+        .await
+        .unwrap();
+    assert!(
+        !catalog
+            .remove_source("https://example.com/other.xml")
+            .await
+            .unwrap()
+    );
+    assert!(
+        catalog
+            .remove_source("https://EXAMPLE.com:443/feed.xml?utm_source=x")
+            .await
+            .unwrap()
+    );
+    assert!(catalog.sources().await.unwrap().is_empty());
+}

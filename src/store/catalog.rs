@@ -91,10 +91,16 @@ impl PgCatalog {
             .await
     }
 
-    /// Removes a subscription by id or URL; true if one was removed.
+    /// Removes a subscription by id or URL; true if one was removed. A
+    /// URL is matched as `sources add` stored it (normalised: any spelling
+    /// of it that gives the same source id).
     pub async fn remove_source(&self, id_or_url: &str) -> Result<bool, sqlx::Error> {
-        let n = sqlx::query("DELETE FROM sources WHERE id = $1 OR url = $1")
+        let by_url = crate::ids::normalise(id_or_url)
+            .ok()
+            .map(|u| crate::ids::source_id(&u));
+        let n = sqlx::query("DELETE FROM sources WHERE id = $1 OR url = $1 OR id = $2")
             .bind(id_or_url)
+            .bind(by_url)
             .execute(&self.pool)
             .await?
             .rows_affected();
