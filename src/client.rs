@@ -148,13 +148,30 @@ pub async fn submit(
     feed: bool,
     requested_by: Option<&str>,
 ) -> Result<Vec<Submitted>, ClientError> {
+    // Bad URLs are refused before anything is contacted.
+    for raw in urls {
+        ids::normalise(raw)?;
+    }
+    let sender = CommandSender::new(config).await?;
+    submit_with(&sender, pool, urls, feed, requested_by).await
+}
+
+/// [`submit`] through a sender the caller keeps (the API keeps one for all
+/// its requests: a producer and a schema lookup per request would be
+/// waste).
+pub async fn submit_with(
+    sender: &CommandSender,
+    pool: &PgPool,
+    urls: &[String],
+    feed: bool,
+    requested_by: Option<&str>,
+) -> Result<Vec<Submitted>, ClientError> {
     let mut plans = Vec::with_capacity(urls.len());
     for raw in urls {
         let url = ids::normalise(raw)?;
         let id = ids::subject(&url, feed);
         plans.push((url, id));
     }
-    let sender = CommandSender::new(config).await?;
     let mut out = Vec::with_capacity(plans.len());
     for (url, id) in plans {
         let is_source = id.starts_with("src:");

@@ -130,9 +130,21 @@ pub struct State {
     /// Held while the view is read from Kafka: one reading at a time, and
     /// none is started while one runs.
     stages_refresh: Arc<tokio::sync::Mutex<()>>,
+    /// The submit endpoint's producer, made on first use (and tried again
+    /// on the next request if Kafka or the registry did not answer).
+    sender: tokio::sync::OnceCell<crate::client::CommandSender>,
 }
 
 impl State {
+    /// The command sender all submissions share.
+    pub async fn sender(
+        &self,
+    ) -> Result<&crate::client::CommandSender, crate::client::ClientError> {
+        self.sender
+            .get_or_try_init(|| crate::client::CommandSender::new(&self.config))
+            .await
+    }
+
     /// The shared state for `config`; connects nothing yet.
     pub fn new(config: Config, metrics: Option<PrometheusHandle>) -> Result<Self, ServeError> {
         let pool = PgPoolOptions::new()
@@ -167,6 +179,7 @@ impl State {
             stages_seen: std::sync::Mutex::new(None),
             stages_failed: std::sync::Mutex::new(None),
             stages_refresh: Arc::new(tokio::sync::Mutex::new(())),
+            sender: tokio::sync::OnceCell::new(),
         })
     }
 

@@ -73,8 +73,13 @@ pub async fn submit(
             "requested_by: at most {MAX_REQUESTED_BY} characters"
         )));
     }
-    let submitted = client::submit(
-        &state.config,
+    // Bad URLs are refused before Kafka is contacted.
+    for raw in &req.urls {
+        crate::ids::normalise(raw).map_err(client::ClientError::from)?;
+    }
+    let sender = state.sender().await?;
+    let submitted = client::submit_with(
+        sender,
         &state.pool,
         &req.urls,
         req.feed,
