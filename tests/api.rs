@@ -980,6 +980,28 @@ async fn readyz_names_postgresql_when_the_database_does_not_answer() {
     assert!(a.body.contains("PostgreSQL"), "{}", a.body);
 }
 
+/// A database that refuses our credentials is the operator's matter: 503
+/// naming PostgreSQL (was a 500), and the password nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_refuses_the_password_is_a_503() {
+    let c = config();
+    let mut url = url::Url::parse(c.database_url.expose_secret()).unwrap();
+    url.set_password(Some("not-the-password")).unwrap();
+    let server = Server::start(&c, url.as_str()).await;
+    let api = Client {
+        http: reqwest::Client::new(),
+        server,
+    };
+    let a = api.get("/api/v1/videos").await;
+    api.expect(
+        &a,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "videos with a wrong password",
+    );
+    assert!(a.error().contains("PostgreSQL"), "{}", a.body);
+    assert!(!a.body.contains("not-the-password"), "{}", a.body);
+}
+
 /// With `api_token` set, whatever changes something needs the token;
 /// reading does not (the status pages only read).
 #[tokio::test(flavor = "multi_thread")]

@@ -73,6 +73,19 @@ impl ApiError {
                 "a value in the request holds a character PostgreSQL cannot store (NUL)"
                     .to_string(),
             ),
+            // The server is there but will not serve us now: connection
+            // exceptions (08), bad credentials (28), out of connections or
+            // resources (53), shutting down (57). An operator's matter,
+            // not a fault in the request or in our query.
+            E::Database(d)
+                if d.code().as_deref().is_some_and(|c| {
+                    ["08", "28", "53", "57"]
+                        .iter()
+                        .any(|class| c.starts_with(class))
+                }) =>
+            {
+                Self::Unavailable(format!("PostgreSQL is not serving: {e}"))
+            }
             // undefined_table: a database that `vidpipe migrate` never saw.
             E::Database(d) if d.code().as_deref() == Some("42P01") => Self::Unavailable(format!(
                 "PostgreSQL: {e} (apply the schema with `vidpipe migrate`)"
