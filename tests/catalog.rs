@@ -307,3 +307,38 @@ async fn a_subscription_is_removed_by_any_spelling_of_its_url() {
     );
     assert!(catalog.sources().await.unwrap().is_empty());
 }
+
+/// The read paths that poll (the newest videos; runs finished lately) have
+/// indexes that serve them, not a scan of tables that grow with every video.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_polled_read_queries_can_use_an_index() {
+    let (pool, _) = fresh_database(&config()).await;
+    let mut conn = pool.acquire().await.unwrap();
+    // An empty table is cheapest to scan: make the planner show what it
+    // could use.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for (query, index) in [
+        (
+            "EXPLAIN SELECT id FROM videos ORDER BY updated_at DESC LIMIT 20",
+            "videos_updated_idx",
+        ),
+        (
+            "EXPLAIN SELECT stage, count(*) FROM stage_runs WHERE status = 'done' \
+             AND finished_at >= now() - interval '15 minutes' GROUP BY stage",
+            "stage_runs_finished_idx",
+        ),
+    ] {
+        let plan: Vec<String> = sqlx::query_scalar(query)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        assert!(
+            plan.join("\n").contains(index),
+            "{query}:\n{}",
+            plan.join("\n")
+        );
+    }
+}
