@@ -149,29 +149,33 @@ pub async fn submit(
     requested_by: Option<&str>,
 ) -> Result<Vec<Submitted>, ClientError> {
     // Bad URLs are refused before anything is contacted.
-    for raw in urls {
-        ids::normalise(raw)?;
-    }
+    let plans = plan(urls, feed)?;
     let sender = CommandSender::new(config).await?;
-    submit_with(&sender, pool, urls, feed, requested_by).await
+    submit_with(&sender, pool, plans, requested_by).await
 }
 
-/// [`submit`] through a sender the caller keeps (the API keeps one for all
-/// its requests: a producer and a schema lookup per request would be
-/// waste).
+/// What [`submit_with`] sends: each URL normalised, with the id it gets
+/// (a video's, or a source's when `feed` says so or the URL is one). The
+/// first bad URL fails the whole request.
+pub fn plan(urls: &[String], feed: bool) -> Result<Vec<(url::Url, String)>, ClientError> {
+    urls.iter()
+        .map(|raw| {
+            let url = ids::normalise(raw)?;
+            let id = ids::subject(&url, feed);
+            Ok((url, id))
+        })
+        .collect()
+}
+
+/// [`submit`] of a [`plan`] through a sender the caller keeps (the API
+/// keeps one for all its requests: a producer and a schema lookup per
+/// request would be waste).
 pub async fn submit_with(
     sender: &CommandSender,
     pool: &PgPool,
-    urls: &[String],
-    feed: bool,
+    plans: Vec<(url::Url, String)>,
     requested_by: Option<&str>,
 ) -> Result<Vec<Submitted>, ClientError> {
-    let mut plans = Vec::with_capacity(urls.len());
-    for raw in urls {
-        let url = ids::normalise(raw)?;
-        let id = ids::subject(&url, feed);
-        plans.push((url, id));
-    }
     let mut out = Vec::with_capacity(plans.len());
     for (url, id) in plans {
         let is_source = id.starts_with("src:");

@@ -1379,6 +1379,7 @@ impl Restarter for Restarts {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_replay_prints_as_its_dry_run_does() {
@@ -1394,8 +1395,6 @@ mod tests {
             serde_json::json!({"video_id": "url:1", "from_generation": 1, "to_generation": 2, "source": "topic"})
         );
     }
-
-    use super::*;
 
     #[test]
     fn times_parse_in_every_documented_form() {

@@ -74,18 +74,10 @@ pub async fn submit(
         )));
     }
     // Bad URLs are refused before Kafka is contacted.
-    for raw in &req.urls {
-        crate::ids::normalise(raw).map_err(client::ClientError::from)?;
-    }
+    let plans = client::plan(&req.urls, req.feed)?;
     let sender = state.sender().await?;
-    let submitted = client::submit_with(
-        sender,
-        &state.pool,
-        &req.urls,
-        req.feed,
-        req.requested_by.as_deref(),
-    )
-    .await?;
+    let submitted =
+        client::submit_with(sender, &state.pool, plans, req.requested_by.as_deref()).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(submitted.into_iter().map(Submitted::from).collect()),

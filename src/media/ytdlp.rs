@@ -347,7 +347,11 @@ impl Ytdlp {
         args.push(url.into());
         let out = self.run(args, None, LIST_STDOUT_CAP, None, url).await?;
         if !out.status.success() {
-            return Err(self.failure(&out, url));
+            return Err(failure(
+                &out,
+                url,
+                self.egress.as_deref().map(Egress::refusal),
+            ));
         }
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| YtdlpError::Output(format!("the listing is not JSON: {e}")))?;
@@ -449,7 +453,11 @@ impl Ytdlp {
                 });
             }
             if !exited_ok {
-                return Err(self.failure(&out, url));
+                return Err(failure(
+                    &out,
+                    url,
+                    self.egress.as_deref().map(Egress::refusal),
+                ));
             }
             return Err(YtdlpError::Output(
                 "yt-dlp finished without reporting a file (nothing matched the format?)".into(),
@@ -755,29 +763,10 @@ fn combined_text(out: &RunOutput) -> String {
 }
 
 /// Classifies a failed run from yt-dlp's ERROR lines (or, without any,
-/// from the whole tail of its output).
-impl Ytdlp {
-    /// The error of a failed run; a refusal of this instance's egress proxy
-    /// (its reason phrase carries a token no server can know) is
-    /// `blocked_address`.
-    fn failure(&self, out: &RunOutput, url: &str) -> YtdlpError {
-        let refused = self
-            .egress
-            .as_ref()
-            .is_some_and(|e| combined_text(out).contains(e.refusal()));
-        match failure(out, url) {
-            YtdlpError::Failed { message, exit, .. } if refused => YtdlpError::Failed {
-                kind: "blocked_address",
-                retryable: false,
-                message,
-                exit,
-            },
-            other => other,
-        }
-    }
-}
-
-fn failure(out: &RunOutput, url: &str) -> YtdlpError {
+/// from the whole tail of its output). A refusal of the egress proxy
+/// (`refusal`: its reason phrase, with a token no server can know) is
+/// `blocked_address`.
+fn failure(out: &RunOutput, url: &str, refusal: Option<&str>) -> YtdlpError {
     let text = combined_text(out);
     let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR:")).collect();
     let basis = if errors.is_empty() {
@@ -785,7 +774,11 @@ fn failure(out: &RunOutput, url: &str) -> YtdlpError {
     } else {
         errors.join("\n")
     };
-    let (kind, retryable) = classify(&basis);
+    let (kind, retryable) = if refusal.is_some_and(|r| text.contains(r)) {
+        ("blocked_address", false)
+    } else {
+        classify(&basis)
+    };
     let shown = errors
         .last()
         .copied()
