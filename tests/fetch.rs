@@ -1384,6 +1384,27 @@ async fn ytdlp_lists_a_feed() {
     assert_eq!(one.len(), 1);
 }
 
+#[tokio::test]
+async fn an_oversized_listing_is_a_permanent_failure() {
+    // A stand-in yt-dlp that prints a listing over the 32 MiB cap: 33 MiB
+    // of one JSON document. Asking again would get the same cut document,
+    // so it is permanent, and the run is not left waiting on the pipe.
+    let work = tempfile::tempdir().expect("temp dir");
+    let exe = work.path().join("yt-dlp");
+    std::fs::write(
+        &exe,
+        "#!/bin/sh\nprintf '{\"entries\": [], \"pad\": \"'\nhead -c 34603008 /dev/zero | tr '\\0' a\nprintf '\"}'\n",
+    )
+    .expect("write the script");
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+    let err = Ytdlp::new(&exe, 10 << 20, Duration::from_secs(60))
+        .list("https://www.youtube.com/@someone", 10)
+        .await
+        .expect_err("the listing is over the cap");
+    expect_ytdlp_kind(err, "listing_too_large", ErrorClass::Permanent);
+}
+
 #[test]
 fn youtube_ids() {
     let id = |s: &str| Ytdlp::youtube_id(&url::Url::parse(s).expect("test URL parses"));

@@ -114,6 +114,12 @@ pub enum YtdlpError {
     /// yt-dlp succeeded but its output was not what was asked for.
     #[error("unexpected yt-dlp output: {0}")]
     Output(String),
+    /// A listing's JSON was larger than the cap: asking again gets the same.
+    #[error("the listing is larger than the limit of {limit} bytes")]
+    ListingTooLarge {
+        /// The cap.
+        limit: usize,
+    },
     /// Preparing or cleaning the download directory failed.
     #[error("file system error: {0}")]
     Io(String),
@@ -130,6 +136,7 @@ impl YtdlpError {
             YtdlpError::TooLarge { .. } => "too_large",
             YtdlpError::Failed { kind, .. } => kind,
             YtdlpError::Output(_) => "ytdlp_output",
+            YtdlpError::ListingTooLarge { .. } => "listing_too_large",
             YtdlpError::Io(_) => "io",
         }
     }
@@ -142,7 +149,10 @@ impl YtdlpError {
             | YtdlpError::Output(_)
             | YtdlpError::Io(_) => true,
             YtdlpError::Failed { retryable, .. } => *retryable,
-            YtdlpError::BadUrl(_) | YtdlpError::Spawn { .. } | YtdlpError::TooLarge { .. } => false,
+            YtdlpError::BadUrl(_)
+            | YtdlpError::Spawn { .. }
+            | YtdlpError::TooLarge { .. }
+            | YtdlpError::ListingTooLarge { .. } => false,
         }
     }
 
@@ -150,6 +160,9 @@ impl YtdlpError {
         match self {
             YtdlpError::Spawn { .. } => "install yt-dlp or point the `ytdlp` setting at it",
             YtdlpError::TooLarge { .. } => "raise the download size limit if this video is wanted",
+            YtdlpError::ListingTooLarge { .. } => {
+                "submit the channel's or playlist's videos, or a smaller playlist"
+            }
             YtdlpError::Failed { kind, .. } => match *kind {
                 "rate_limited" | "bot_check" => {
                     "the site is throttling this machine; downloads from it pause for a while"
@@ -228,6 +241,8 @@ pub struct Ytdlp {
 struct RunOutput {
     status: ExitStatus,
     stdout: Vec<u8>,
+    /// Whether stdout went on past `stdout_cap` (what was kept is cut).
+    stdout_cut: bool,
     stderr_tail: Vec<u8>,
 }
 
@@ -352,6 +367,12 @@ impl Ytdlp {
                 url,
                 self.egress.as_deref().map(Egress::refusal),
             ));
+        }
+        if out.stdout_cut {
+            // Cut JSON does not parse, and would not parse next time either.
+            return Err(YtdlpError::ListingTooLarge {
+                limit: LIST_STDOUT_CAP,
+            });
         }
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| YtdlpError::Output(format!("the listing is not JSON: {e}")))?;
@@ -569,12 +590,13 @@ impl Ytdlp {
             }
         };
         match outcome {
-            Ok((stdout, stderr_tail, status)) => {
+            Ok(((stdout, stdout_cut), stderr_tail, status)) => {
                 let status =
                     status.map_err(|e| YtdlpError::Io(format!("waiting for yt-dlp: {e}")))?;
                 Ok(RunOutput {
                     status,
                     stdout,
+                    stdout_cut,
                     stderr_tail,
                 })
             }
@@ -672,17 +694,19 @@ fn host_of(url: &str) -> String {
 
 /// Reads up to `cap` bytes and drains the rest, so the child never blocks
 /// on a full pipe.
-async fn read_head(reader: Option<impl AsyncRead + Unpin>, cap: usize) -> Vec<u8> {
+async fn read_head(reader: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
+    let mut cut = false;
     let Some(mut reader) = reader else {
-        return kept;
+        return (kept, cut);
     };
     let mut buf = vec![0u8; 16 << 10];
     loop {
         match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return kept,
+            Ok(0) | Err(_) => return (kept, cut),
             Ok(n) => {
                 let room = cap.saturating_sub(kept.len()).min(n);
+                cut |= room < n;
                 kept.extend_from_slice(&buf[..room]);
             }
         }
