@@ -566,15 +566,22 @@ fn parse_every(s: &str) -> Option<Duration> {
 }
 
 /// `vidpipe sources add`.
-pub async fn sources_add(config: &Config, url: &str, every: &str, backfill: i32) -> ExitCode {
+pub async fn sources_add(
+    config: &Config,
+    url: &str,
+    every: &str,
+    backfill: Option<i32>,
+) -> ExitCode {
     let Some(interval) = parse_every(every).filter(|d| d.as_secs() >= 60) else {
         eprintln!(
             "error: --every {every:?}: give a number with s, m, h or d, at least 1m (e.g. 30m)"
         );
         return ExitCode::from(2);
     };
-    if backfill < 0 {
-        eprintln!("error: --backfill must not be negative");
+    let max = vidpipe::stages::discover::MAX_BACKFILL as i32;
+    let backfill = backfill.unwrap_or(config.media.max_backfill as i32);
+    if !(0..=max).contains(&backfill) {
+        eprintln!("error: --backfill {backfill}: give 0 to {max}");
         return ExitCode::from(2);
     }
     let url = match vidpipe::ids::normalise(url) {

@@ -171,7 +171,8 @@ pub struct MediaConfig {
     pub asr_timeout_secs: u64,
     /// ASR backend: `openai` (any OpenAI-compatible server) or `google`.
     pub asr_backend: String,
-    /// Entries a channel, playlist or feed yields the first time it is seen.
+    /// Entries a channel, playlist or feed yields the first time it is seen,
+    /// unless its subscription says otherwise (at most 500).
     pub max_backfill: usize,
     /// Nice value of ffmpeg and ffprobe (0-19, 0 = vidpipe's own priority):
     /// decoding yields the CPU to transcription, the pipeline's bottleneck.
@@ -490,6 +491,15 @@ impl Config {
                 "media.asr_concurrency and media.per_site must be at least 1",
             ));
         }
+        if self.media.max_backfill > crate::stages::discover::MAX_BACKFILL {
+            return Err(invalid(
+                "media.max_backfill",
+                &format!(
+                    "must be at most {} (the most one poll takes)",
+                    crate::stages::discover::MAX_BACKFILL
+                ),
+            ));
+        }
         if self.media.chunk_max_bytes < (1 << 20) {
             return Err(invalid("media.chunk_max_bytes", "must be at least 1 MiB"));
         }
@@ -719,6 +729,26 @@ mod tests {
                 .to_string();
             assert!(err.contains("media.tool_niceness"), "{err}");
         }
+    }
+
+    #[test]
+    fn max_backfill_is_bounded_by_what_one_poll_takes() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        assert_eq!(
+            load("[media]\nmax_backfill = 500\n")
+                .unwrap()
+                .media
+                .max_backfill,
+            500
+        );
+        let err = load("[media]\nmax_backfill = 501\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("media.max_backfill"), "{err}");
     }
 
     #[test]

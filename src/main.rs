@@ -299,9 +299,10 @@ enum SourcesAction {
         /// Poll interval: a number with s, m, h or d (at least 1m).
         #[arg(long, default_value = "1h")]
         every: String,
-        /// Entries the first poll takes (newest first).
-        #[arg(long, default_value_t = 20)]
-        backfill: i32,
+        /// Entries the first poll takes, newest first, at most 500 [default:
+        /// media.max_backfill]
+        #[arg(long)]
+        backfill: Option<i32>,
     },
     /// List subscriptions.
     #[command(after_help = concat!(

@@ -525,6 +525,7 @@ async fn every_route_answers_for_a_processed_video_and_schemathesis_finds_nothin
     for (body, says) in [
         (json!({"url": feed, "every_secs": 10}), "every_secs"),
         (json!({"url": feed, "backfill": -1}), "backfill"),
+        (json!({"url": feed, "backfill": 501}), "backfill"),
         (json!({"url": "javascript:alert(1)"}), "url"),
         (json!({"every_secs": 60}), "url"),
     ] {

@@ -208,13 +208,10 @@ async fn discovery_stops_waiting_for_a_feed_when_cancelled() {
     );
 }
 
-/// A subscription's later poll takes the newest 500 entries of a feed that
-/// lists 600 new ones (a hostile feed could list a hundred thousand), and
-/// its first poll only its backfill.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first() {
-    use vidpipe::template::Stage;
-
+/// A local feed of 600 episodes (episode `i` newer than `i - 1`), in a
+/// fresh database, subscribed with `backfill`: its URL, source id, the
+/// database and the catalog.
+async fn subscribed_big_feed(backfill: i32) -> (String, String, sqlx::PgPool, PgCatalog) {
     let items: String = (0..600)
         .map(|i| {
             let day = pub_date(i);
@@ -232,9 +229,20 @@ async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first()
     let catalog = PgCatalog::new(pool.clone());
     let source_id = vidpipe::ids::source_id(&vidpipe::ids::normalise(&url).unwrap());
     catalog
-        .add_source(&source_id, &url, Duration::from_secs(3600), 5)
+        .add_source(&source_id, &url, Duration::from_secs(3600), backfill)
         .await
         .unwrap();
+    (url, source_id, pool, catalog)
+}
+
+/// A subscription's later poll takes the newest 500 entries of a feed that
+/// lists 600 new ones (a hostile feed could list a hundred thousand), and
+/// its first poll only its backfill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first() {
+    use vidpipe::template::Stage;
+
+    let (url, source_id, pool, catalog) = subscribed_big_feed(5).await;
     let discover = discover_with(catalog);
     let poll = |n: u32| source_command(&source_id, &url, n);
     let ctx = context(&source_id);
@@ -272,6 +280,26 @@ async fn a_later_poll_of_a_subscription_takes_at_most_500_entries_newest_first()
             .map(|i| format!("Episode {i}"))
             .collect::<Vec<_>>()
     );
+}
+
+/// A first poll takes at most 500 entries whatever backfill its row holds
+/// (one written before the bound, or by hand): the newest 500 of 600.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_poll_takes_at_most_500_entries_whatever_its_backfill() {
+    use vidpipe::template::Stage;
+
+    let (url, source_id, pool, catalog) = subscribed_big_feed(10_000).await;
+    sqlx::query("UPDATE sources SET polls = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let found = discover_with(catalog)
+        .process(source_command(&source_id, &url, 1), &context(&source_id))
+        .await
+        .expect("first poll");
+    assert_eq!(found.len(), 500);
+    assert_eq!(found[0].title.as_deref(), Some("Episode 599"));
+    assert_eq!(found[499].title.as_deref(), Some("Episode 100"));
 }
 
 /// An RFC 2822 date (no weekday) `i` minutes after a fixed hour, so that entry `i` is

@@ -197,6 +197,21 @@ async fn every_command_and_subcommand_has_help_with_an_example_without_any_servi
     let bad = vidpipe(&["submit"], &nowhere, limit).await;
     assert_eq!(bad.code, Some(2), "{bad:?}");
     assert!(bad.stderr.contains("Usage"), "{bad:?}");
+    // A value out of bounds is refused before anything is touched.
+    let over = vidpipe(
+        &[
+            "sources",
+            "add",
+            "https://example.com/feed.xml",
+            "--backfill",
+            "501",
+        ],
+        &nowhere,
+        limit,
+    )
+    .await;
+    assert_eq!(over.code, Some(2), "{over:?}");
+    assert!(over.stderr.contains("--backfill 501"), "{over:?}");
 }
 
 /// A short video with a picture and no sound.

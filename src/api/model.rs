@@ -256,9 +256,10 @@ pub struct SourceRequest {
     #[serde(default)]
     #[schema(minimum = 60, maximum = 31536000)]
     pub every_secs: Option<i64>,
-    /// Entries the first poll takes, newest first (default 20).
+    /// Entries the first poll takes, newest first (default: the server's
+    /// `media.max_backfill`, 20 unless configured).
     #[serde(default)]
-    #[schema(minimum = 0, maximum = 10000)]
+    #[schema(minimum = 0, maximum = 500)]
     pub backfill: Option<i32>,
 }
 

@@ -21,6 +21,7 @@ use super::model::{
 };
 use super::queries;
 use crate::client::{self, ResultKind, storable};
+use crate::stages::discover::MAX_BACKFILL;
 use crate::store::catalog::PgCatalog;
 use crate::{ids, replay};
 
@@ -279,10 +280,13 @@ pub async fn add_source(
             "every_secs: give 60 (one minute) to 31536000 (a year), not {every}"
         )));
     }
-    let backfill = req.backfill.unwrap_or(20);
-    if !(0..=10_000).contains(&backfill) {
+    let max = MAX_BACKFILL as i32;
+    let backfill = req
+        .backfill
+        .unwrap_or(state.config.media.max_backfill as i32);
+    if !(0..=max).contains(&backfill) {
         return Err(ApiError::BadRequest(format!(
-            "backfill: give 0 to 10000, not {backfill}"
+            "backfill: give 0 to {max}, not {backfill}"
         )));
     }
     let url = ids::normalise(&req.url).map_err(|e| ApiError::BadRequest(format!("url: {e}")))?;

@@ -35,6 +35,11 @@ const MAX_FEED_BYTES: u64 = 8 << 20;
 /// download of whatever host they name.
 const MAX_PER_POLL: usize = 500;
 
+/// The most entries a subscription's first poll (its backfill) may take:
+/// the same bound as a later poll, whoever set it (`media.max_backfill`,
+/// `sources add --backfill`, the API, or a row written before the bound).
+pub const MAX_BACKFILL: usize = MAX_PER_POLL;
+
 /// File extensions that are media, not feeds: no need to look inside.
 const MEDIA_EXTENSIONS: &[&str] = &[
     "mp4", "m4a", "m4v", "mov", "mp3", "wav", "webm", "mkv", "ogg", "oga", "opus", "flac", "aac",
@@ -130,7 +135,11 @@ fn is_media_path(url: &Url) -> bool {
 
 impl<C: Catalog> Discover<C> {
     /// What `url` holds: one video, or a source's entries (newest first).
-    async fn resolve(&self, url: &Url) -> Result<(Vec<Found>, bool), StageError> {
+    ///
+    /// A channel or playlist is listed up to four times `limit` entries
+    /// (some are known already, or are not videos).
+    async fn resolve(&self, url: &Url, limit: usize) -> Result<(Vec<Found>, bool), StageError> {
+        let list_limit = limit.max(1) * 4;
         let single = |title: Option<String>| {
             Ok((
                 vec![Found {
@@ -146,7 +155,7 @@ impl<C: Catalog> Discover<C> {
         }
         if Ytdlp::is_site_url(url) {
             let mut found = Vec::new();
-            for entry in self.ytdlp.list(url.as_str(), self.max_backfill * 4).await? {
+            for entry in self.ytdlp.list(url.as_str(), list_limit).await? {
                 if entry.is_playlist {
                     // A channel lists its tabs (videos, shorts) as playlists.
                     // The tab's URL comes from the listing: it is listed in
@@ -156,7 +165,7 @@ impl<C: Catalog> Discover<C> {
                         tracing::warn!(source = %redact(url), "skipping a listed playlist off the known sites");
                         continue;
                     };
-                    for inner in self.ytdlp.list(tab.as_str(), self.max_backfill * 4).await? {
+                    for inner in self.ytdlp.list(tab.as_str(), list_limit).await? {
                         if !inner.is_playlist {
                             found.push(Found {
                                 url: inner.url,
@@ -262,11 +271,24 @@ impl<C: Catalog> Stage for Discover<C> {
             .ok_or_else(|| StageError::permanent("bad_command", "the command has no URL"))?;
         let url =
             ids::normalise(raw).map_err(|e| StageError::permanent("bad_url", e.to_string()))?;
+        // A source seen for the first time (or submitted once) reaches back
+        // only so far; a subscription's later polls take what is new, up to
+        // MAX_PER_POLL entries (newest first). A later poll of a channel
+        // lists as far back as a default first poll would: polls come often
+        // enough that what is new is near the top.
+        let (limit, list_limit) = match self.catalog.source(&ids::source_id(&url)).await? {
+            Some(s) if s.polls > 1 => (MAX_PER_POLL, self.max_backfill),
+            Some(s) => {
+                let n = (s.max_backfill.max(0) as usize).min(MAX_BACKFILL);
+                (n, n)
+            }
+            None => (self.max_backfill, self.max_backfill),
+        };
         // Listing a channel or reading a feed can take up to the download
         // deadline: a shutdown or a lost partition must not wait for it
         // (dropping the work kills yt-dlp and closes the connection).
         let (found, is_source) = tokio::select! {
-            r = self.resolve(&url) => r?,
+            r = self.resolve(&url, list_limit) => r?,
             _ = ctx.cancel.cancelled() => {
                 return Err(StageError::retryable("cancelled", "discovery was cancelled"));
             }
@@ -278,14 +300,6 @@ impl<C: Catalog> Stage for Discover<C> {
                  or subscribe with `vidpipe sources add URL`",
             ));
         }
-        // A source seen for the first time (or submitted once) reaches back
-        // only so far; a subscription's later polls take what is new, up to
-        // MAX_PER_POLL entries (newest first).
-        let limit = match self.catalog.source(&ids::source_id(&url)).await? {
-            Some(s) if s.polls > 1 => MAX_PER_POLL,
-            Some(s) => s.max_backfill.max(0) as usize,
-            None => self.max_backfill,
-        };
         if is_source && limit == MAX_PER_POLL && found.len() > limit {
             tracing::info!(
                 source = %redact(&url),
