@@ -671,9 +671,10 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), ExitCode> {
 fn replay_error(e: ReplayError) -> ExitCode {
     eprintln!("error: {e}");
     match e {
-        ReplayError::UnknownStage(_) | ReplayError::Usage(_) | ReplayError::Unsupported(_) => {
-            ExitCode::from(2)
-        }
+        ReplayError::UnknownStage(_)
+        | ReplayError::Usage(_)
+        | ReplayError::Unsupported(_)
+        | ReplayError::TooMany(_) => ExitCode::from(2),
         ReplayError::UnknownVideos(_)
         | ReplayError::NotReplayable(_)
         | ReplayError::MissingTopic(_)
@@ -702,6 +703,7 @@ pub async fn replay(
             videos,
             since,
             until,
+            max_videos: None,
         },
         (Err(e), _) | (_, Err(e)) => return replay_error(e),
     };
@@ -739,13 +741,34 @@ pub async fn replay(
         return ExitCode::SUCCESS;
     }
     let (stage, topic) = (plan.stage.clone(), plan.topic.clone());
-    let replayed = match replay::send(config, &pool, plan).await {
-        Ok(r) => r,
+    // Ctrl-C stops between videos, never between a video's move to
+    // `queued` and the send of its record.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping after the video under way");
+                stop.cancel();
+            }
+        })
+    };
+    let sent = replay::send(config, &pool, plan, &stop).await;
+    watcher.abort();
+    let (replayed, left) = match sent {
+        Ok(s) => (s.replayed, s.left),
         Err(e) => return replay_error(e),
+    };
+    // Interrupted: what was replayed is reported, and the exit says so.
+    let done = if left > 0 {
+        eprintln!("interrupted: {left} video(s) of the selection were not replayed");
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
     };
     if json {
         return match print_json(&replayed) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => done,
             Err(code) => code,
         };
     }
@@ -769,7 +792,7 @@ pub async fn replay(
             ids.join(" ")
         );
     }
-    ExitCode::SUCCESS
+    done
 }
 
 fn admin_error(e: AdminError) -> ExitCode {

@@ -55,6 +55,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, QuietEof};
 use crate::config::Config;
@@ -118,6 +119,12 @@ pub enum ReplayError {
     /// Another handler of the same restart command got there first.
     #[error("{0}")]
     InProgress(String),
+    /// The time range holds more videos than one request may replay.
+    #[error(
+        "the time range holds more than {0} videos, the most one request replays: narrow it \
+         (since, until), or replay with `vidpipe replay`, which has no such bound"
+    )]
+    TooMany(usize),
 }
 
 impl ReplayError {
@@ -130,6 +137,7 @@ impl ReplayError {
             | ReplayError::Unsupported(_)
             | ReplayError::UnknownVideos(_)
             | ReplayError::NotReplayable(_)
+            | ReplayError::TooMany(_)
             | ReplayError::MissingTopic(_) => true,
             ReplayError::Kafka { .. }
             | ReplayError::Registry(_)
@@ -145,6 +153,7 @@ impl ReplayError {
             ReplayError::Usage(_) | ReplayError::Unsupported(_) => "bad_restart",
             ReplayError::UnknownVideos(_) => "unknown_video",
             ReplayError::NotReplayable(_) => "no_input",
+            ReplayError::TooMany(_) => "too_many",
             ReplayError::MissingTopic(_) => "missing_topic",
             ReplayError::Kafka { .. } => "kafka",
             ReplayError::Registry(_) => "schema_registry",
@@ -176,6 +185,9 @@ pub struct Selection {
     pub since: Option<DateTime<Utc>>,
     /// Input records before this time.
     pub until: Option<DateTime<Utc>>,
+    /// The most videos a time range may hold: more is refused before
+    /// anything is decoded or sent (none: no bound, as on the command line).
+    pub max_videos: Option<usize>,
 }
 
 /// Where a replayed record came from.
@@ -450,6 +462,7 @@ fn read_latest(
     since: Option<i64>,
     until: Option<i64>,
     keys: Option<&HashSet<String>>,
+    max_keys: Option<usize>,
 ) -> Result<HashMap<String, Raw>, ReplayError> {
     // The range of each partition: [first offset at `since`, first offset
     // at `until`), both found by record timestamp.
@@ -560,6 +573,14 @@ fn read_latest(
             }
         });
         if newer {
+            // Stop reading once there are too many: the range is refused
+            // and what was read is not kept in memory.
+            if let Some(max) = max_keys
+                && latest.len() >= max
+                && !latest.contains_key(key)
+            {
+                return Err(ReplayError::TooMany(max));
+            }
             latest.insert(
                 key.to_string(),
                 Raw {
@@ -743,6 +764,7 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
         let config = config.clone();
         let topic = topic.clone();
         let keys = (!named.is_empty()).then(|| named.clone());
+        let max_keys = sel.max_videos.filter(|_| named.is_empty());
         let read_topic = kind != Kind::Discover;
         let brokers = config.kafka_brokers.clone();
         tokio::task::spawn_blocking(move || {
@@ -756,6 +778,7 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
                     since,
                     until,
                     keys.as_ref(),
+                    max_keys,
                 )
             } else {
                 Ok(HashMap::new())
@@ -775,6 +798,11 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
         chosen.extend(on_topic.keys().cloned());
         if let Some(since) = since {
             chosen.extend(db_candidates(pool, kind, since, until).await?);
+        }
+        if let Some(max) = sel.max_videos
+            && chosen.len() > max
+        {
+            return Err(ReplayError::TooMany(max));
         }
     }
     let ids: Vec<String> = chosen.into_iter().collect();
@@ -1006,12 +1034,15 @@ impl Feeder {
 
 /// Sends a plan: per video, moves its row to `queued` at the next
 /// generation and produces its record; stops at the first failure, with
-/// that video's row put back.
+/// that video's row put back. When `stop` fires, the video under way is
+/// finished and the rest are left as they are (`Sent::left`): a video is
+/// never left queued without its record on the way.
 pub async fn send(
     config: &Config,
     pool: &PgPool,
     plan: Plan,
-) -> Result<Vec<Replayed>, ReplayError> {
+    stop: &CancellationToken,
+) -> Result<Sent, ReplayError> {
     if plan.stage == "discover" && !DISCOVER_REPLAYABLE {
         return Err(ReplayError::Unsupported(
             "a replay from discover is not available yet: discovery hands every video on as \
@@ -1027,7 +1058,11 @@ pub async fn send(
     // refuses it fails the replay with nothing changed.
     feeder.encoder(&plan.topic, kind).await?;
     let mut done = Vec::with_capacity(plan.items.len());
+    let total = plan.items.len();
     for item in plan.items {
+        if stop.is_cancelled() {
+            break;
+        }
         let mut record = item.record;
         let Some(bumped) = bump(pool, &item.video_id, &plan.stage).await? else {
             return Err(ReplayError::UnknownVideos(vec![item.video_id]));
@@ -1053,7 +1088,19 @@ pub async fn send(
             source: item.source,
         });
     }
-    Ok(done)
+    Ok(Sent {
+        left: total - done.len(),
+        replayed: done,
+    })
+}
+
+/// What [`send`] did.
+#[derive(Debug)]
+pub struct Sent {
+    /// The videos replayed, in the plan's order.
+    pub replayed: Vec<Replayed>,
+    /// The videos of the plan not touched because `stop` fired.
+    pub left: usize,
 }
 
 /// The input record of one video for a restart: from the database (the

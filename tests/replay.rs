@@ -14,6 +14,7 @@ use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
 use vidpipe::client;
 use vidpipe::config::Config;
 use vidpipe::records::{Record, VideoTranscribed};
@@ -399,6 +400,34 @@ async fn a_transcribed_video_replayed_from_transcribe_runs_again_as_a_new_genera
         .collect();
     assert_eq!(found, [(a.as_str(), 2, 3, Source::Topic)]);
 
+    // A bound on the range (the API's) refuses a range holding more videos
+    // before anything is sent; both videos fit a bound of two.
+    let all_day = |max_videos| Selection {
+        stage: "transcribe".into(),
+        since: Some(replay_started - chrono::Duration::days(1)),
+        max_videos,
+        ..Selection::default()
+    };
+    let err = replay::plan(&c, &p.pool, &all_day(Some(1)))
+        .await
+        .expect_err("two videos are over a bound of one");
+    assert!(matches!(err, replay::ReplayError::TooMany(1)), "{err:?}");
+    let both = replay::plan(&c, &p.pool, &all_day(Some(2)))
+        .await
+        .expect("two videos fit a bound of two");
+    assert_eq!(both.items.len(), 2);
+    // A replay stopped before it starts touches no video.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    let sent = replay::send(&c, &p.pool, both, &stopped).await.unwrap();
+    assert!(sent.replayed.is_empty(), "{sent:?}");
+    assert_eq!(sent.left, 2);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM videos WHERE status = 'queued'")
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
+
     // With the topic's records gone (retention), the input comes from the
     // status row extract-audio kept.
     let mut gone = TopicPartitionList::new();
@@ -421,7 +450,10 @@ async fn a_transcribed_video_replayed_from_transcribe_runs_again_as_a_new_genera
     )
     .await
     .unwrap();
-    let replayed = replay::send(&c, &p.pool, plan).await.unwrap();
+    let replayed = replay::send(&c, &p.pool, plan, &CancellationToken::new())
+        .await
+        .unwrap()
+        .replayed;
     assert_eq!(
         replayed,
         [replay::Replayed {

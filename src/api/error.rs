@@ -152,9 +152,9 @@ impl From<ReplayError> for ApiError {
         match e {
             ReplayError::UnknownStage(_) | ReplayError::Usage(_) => Self::BadRequest(e.to_string()),
             ReplayError::UnknownVideos(_) => Self::NotFound(e.to_string()),
-            ReplayError::Unsupported(_) | ReplayError::NotReplayable(_) => {
-                Self::Unprocessable(e.to_string())
-            }
+            ReplayError::Unsupported(_)
+            | ReplayError::NotReplayable(_)
+            | ReplayError::TooMany(_) => Self::Unprocessable(e.to_string()),
             // The pipeline's topics are not there yet: `vidpipe run` makes them.
             ReplayError::MissingTopic(_) | ReplayError::Kafka { .. } => {
                 Self::Unavailable(format!("Kafka: {e}"))

@@ -378,6 +378,7 @@ pub async fn replay(
         videos: req.videos,
         since: time("since", req.since.as_deref())?,
         until: time("until", req.until.as_deref())?,
+        max_videos: Some(MAX_REPLAY_VIDEOS),
     };
     let plan = replay::plan(&state.config, &state.pool, &selection).await?;
     let (stage, topic) = (plan.stage.clone(), plan.topic.clone());
@@ -402,7 +403,19 @@ pub async fn replay(
             }),
         ));
     }
-    let sent = replay::send(&state.config, &state.pool, plan).await?;
+    // Each video is moved to `queued` and then its record is sent: a client
+    // that goes away between the two must not leave a video queued with
+    // nothing on its way, so the sending runs to its end on a task of its
+    // own whatever becomes of the request.
+    let sending = {
+        let state = Arc::clone(&state);
+        let never = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(async move { replay::send(&state.config, &state.pool, plan, &never).await })
+    };
+    let sent = sending
+        .await
+        .map_err(|e| ApiError::Internal(format!("the replay's sending task failed: {e}")))??
+        .replayed;
     let videos = sent
         .into_iter()
         .map(|r| {
