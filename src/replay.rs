@@ -451,9 +451,18 @@ fn open_topic(
     Ok((consumer, partitions))
 }
 
+/// Whose records [`read_latest`] keeps.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// Only these videos'.
+    Named(&'a HashSet<String>),
+    /// Every key's, failing with [`ReplayError::TooMany`] past `max` keys.
+    Any { max: Option<usize> },
+}
+
 /// Reads `topic` between `since` and `until` (ms since the epoch) with
-/// read_committed and keeps the latest record of each key (of `keys`, when
-/// given). Blocking.
+/// read_committed and keeps the latest record of each key (of those `keys`
+/// names). Blocking.
 fn read_latest(
     config: &Config,
     consumer: &BaseConsumer<QuietEof>,
@@ -461,8 +470,7 @@ fn read_latest(
     partitions: &[i32],
     since: Option<i64>,
     until: Option<i64>,
-    keys: Option<&HashSet<String>>,
-    max_keys: Option<usize>,
+    keys: Keys<'_>,
 ) -> Result<HashMap<String, Raw>, ReplayError> {
     // The range of each partition: [first offset at `since`, first offset
     // at `until`), both found by record timestamp.
@@ -558,9 +566,11 @@ fn read_latest(
         let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
             continue;
         };
-        if keys.is_some_and(|keys| !keys.contains(key)) {
-            continue;
-        }
+        let max_keys = match keys {
+            Keys::Named(named) if !named.contains(key) => continue,
+            Keys::Named(_) => None,
+            Keys::Any { max } => max,
+        };
         let timestamp = message.timestamp().to_millis().unwrap_or(0);
         // Within a partition the later offset is the later record; across
         // partitions (a topic that gained partitions moves keys), the
@@ -763,8 +773,8 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
     let on_topic: HashMap<String, Raw> = {
         let config = config.clone();
         let topic = topic.clone();
-        let keys = (!named.is_empty()).then(|| named.clone());
-        let max_keys = sel.max_videos.filter(|_| named.is_empty());
+        let named = named.clone();
+        let max = sel.max_videos;
         let read_topic = kind != Kind::Discover;
         let brokers = config.kafka_brokers.clone();
         tokio::task::spawn_blocking(move || {
@@ -777,8 +787,11 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
                     &partitions,
                     since,
                     until,
-                    keys.as_ref(),
-                    max_keys,
+                    if named.is_empty() {
+                        Keys::Any { max }
+                    } else {
+                        Keys::Named(&named)
+                    },
                 )
             } else {
                 Ok(HashMap::new())
