@@ -295,6 +295,12 @@ pub struct Config {
     /// listens on loopback addresses only.
     #[serde(serialize_with = "expose_opt")]
     pub api_token: Option<SecretString>,
+    /// Comma-separated host names `vidpipe serve` answers to besides its
+    /// addresses and `localhost` (a request naming another host gets 403,
+    /// against DNS rebinding), e.g. `vidpipe.example.com`.
+    pub api_hosts: String,
+    /// The longest a request to `vidpipe serve` may take (seconds).
+    pub api_request_timeout_secs: u64,
     /// Blob store: a directory, or an `s3://bucket/prefix` URL (see `s3`).
     pub storage: String,
     /// The S3-compatible store's endpoint, region and credentials.
@@ -346,6 +352,8 @@ impl Default for Config {
             llm_model: None,
             llm_api_key: None,
             api_token: None,
+            api_hosts: String::new(),
+            api_request_timeout_secs: 60,
             storage: ".stack/blobs".into(),
             s3: S3Config::default(),
             topic_prefix: "vidpipe.".into(),
@@ -437,6 +445,22 @@ impl Config {
                     "must be at least 16 characters, without spaces (e.g. openssl rand -hex 24)",
                 ));
             }
+        }
+        let not_a_name = |h: &str| {
+            h.is_empty()
+                || !h
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        };
+        if self.api_hosts.split(',').map(str::trim).any(not_a_name) && !self.api_hosts.is_empty() {
+            return Err(invalid(
+                "api_hosts",
+                "give host names separated by commas, without scheme or port \
+                 (e.g. vidpipe.example.com,vidpipe)",
+            ));
+        }
+        if self.api_request_timeout_secs == 0 {
+            return Err(invalid("api_request_timeout_secs", "must be at least 1"));
         }
         check_url(
             "database_url",
@@ -780,6 +804,29 @@ mod tests {
                 assert!(err.contains(&format!("media.{key}")), "{value:?}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn api_hosts_are_names_and_the_request_timeout_is_positive() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let c = load("api_hosts = \"vidpipe.example.com, vidpipe\"\n").unwrap();
+        assert_eq!(c.api_hosts, "vidpipe.example.com, vidpipe");
+        for bad in [
+            "api_hosts = \"https://vidpipe.example.com\"",
+            "api_hosts = \"vidpipe.example.com:8686\"",
+            "api_hosts = \"a,,b\"",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains("api_hosts"), "{bad}: {err}");
+        }
+        let err = load("api_request_timeout_secs = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api_request_timeout_secs"), "{err}");
     }
 
     #[test]

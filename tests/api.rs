@@ -1061,3 +1061,127 @@ async fn serve_refuses_a_public_address_without_a_token() {
     assert!(stderr.contains("api_token"), "{stderr}");
     assert!(stderr.contains("0.0.0.0:0"), "{stderr}");
 }
+
+/// One raw HTTP/1.1 GET with `host` as its Host header: the status code
+/// and the body.
+async fn get_with_host(base: &str, path: &str, host: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer within 30 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A page on a name its owner controls, re-pointed at 127.0.0.1 (DNS
+/// rebinding), sends that name as Host: it is refused; addresses,
+/// `localhost` and the names in api_hosts are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_naming_an_unknown_host_are_refused() {
+    let c = config();
+    let (_, database_url) = crate::helpers::fresh_database_url(&c).await;
+    let server = Server::start_with(
+        &c,
+        database_url.expose_secret(),
+        &[("VIDPIPE_API_HOSTS", "vidpipe.test")],
+    )
+    .await;
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("vidpipe.test:{port}"),
+        "[::1]".to_string(),
+    ] {
+        let (status, body) = get_with_host(&server.base, "/api/v1/sources", &host).await;
+        assert_eq!(status, 200, "{host}: {body}\n{}", server.log());
+    }
+    for host in [
+        format!("rebound.example:{port}"),
+        "vidpipe.test.example".into(),
+    ] {
+        for path in ["/api/v1/sources", "/", "/healthz"] {
+            let (status, body) = get_with_host(&server.base, path, &host).await;
+            assert_eq!(status, 403, "{host} {path}: {body}");
+            assert!(body.contains("api_hosts"), "{body}");
+        }
+    }
+}
+
+/// A client that never finishes its request head is cut off, and so is one
+/// that keeps a connection idle; a request that outlives
+/// api_request_timeout_secs is answered 503 naming the setting.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_and_slow_requests_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A schema registry that accepts connections and never answers: the
+    // readiness probe waits for it (3 s), longer than the 1 s allowed.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let c = config();
+    let (_, database_url) = crate::helpers::fresh_database_url(&c).await;
+    let server = Server::start_with(
+        &c,
+        database_url.expose_secret(),
+        &[
+            ("VIDPIPE_API_REQUEST_TIMEOUT_SECS", "1"),
+            ("VIDPIPE_SCHEMA_REGISTRY_URL", &registry),
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, body) = get_with_host(&server.base, "/readyz", "127.0.0.1").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("api_request_timeout_secs"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for (what, s) in [("half a request head", &mut half), ("nothing", &mut idle)] {
+        let mut buf = [0u8; 1024];
+        // Closed (read ends, or is reset) well within a minute; before the
+        // header timeout, the connection stayed open for ever.
+        let ended = tokio::time::timeout(Duration::from_secs(40), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a connection that sent {what} is still open");
+    }
+}

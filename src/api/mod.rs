@@ -17,6 +17,7 @@
 //! service answers 503 naming it.
 
 pub mod error;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod page;
@@ -496,6 +497,11 @@ pub fn app(state: Arc<State>) -> Router {
         Arc::clone(&state),
         require_token,
     ))
+    .layer(middleware::from_fn_with_state(Arc::clone(&state), deadline))
+    .layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        listen::check_host,
+    ))
     .layer(middleware::from_fn(metrics::track))
     .layer(middleware::from_fn(security_headers))
     .with_state(state)
@@ -536,6 +542,25 @@ async fn require_token(
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
+}
+
+/// Answers 503 when a request takes longer than `api_request_timeout_secs`:
+/// every service call has a bound of its own, and this is the bound of
+/// them all together, so no request holds a connection for ever.
+async fn deadline(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let limit = Duration::from_secs(state.config.api_request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request took longer than {}s (api_request_timeout_secs) and was stopped",
+            limit.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// Compares without stopping at the first difference, so the time taken
@@ -611,8 +636,6 @@ pub async fn serve(
     state.refresh_stages();
     println!("vidpipe serve: listening on http://{local}");
     tracing::info!(address = %local, "serving the API and status pages");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(ServeError::Server)
+    listen::run(listener, app(state), shutdown).await;
+    Ok(())
 }
