@@ -316,6 +316,14 @@ struct VideoRow {
     error: Option<String>,
 }
 
+/// A stage run and whose it is.
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    video_id: String,
+    #[sqlx(flatten)]
+    run: StageStatus,
+}
+
 /// Status of the given videos (all, newest first, up to `limit`, when
 /// `ids` is empty).
 pub async fn status(
@@ -349,27 +357,37 @@ pub async fn status(
         .fetch_all(pool)
         .await?
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let stages: Vec<StageStatus> = sqlx::query_as(
-            "SELECT stage AS name, status, attempt AS attempts, duration_ms, error, generation
-             FROM stage_runs WHERE video_id = $1 AND generation = $2
-             ORDER BY array_position(ARRAY['discover','download','extract-audio','transcribe','summarize'], stage)",
-        )
-        .bind(&r.id)
-        .bind(r.generation)
-        .fetch_all(pool)
-        .await?;
-        out.push(VideoStatus {
+    // Every listed video's runs of its current generation, in one query.
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let generations: Vec<i64> = rows.iter().map(|r| r.generation).collect();
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT r.video_id, r.stage AS name, r.status, r.attempt AS attempts, r.duration_ms,
+                r.error, r.generation
+         FROM stage_runs r
+         JOIN unnest($1::text[], $2::bigint[]) AS w(id, generation)
+           ON r.video_id = w.id AND r.generation = w.generation
+         ORDER BY array_position(ARRAY['discover','download','extract-audio','transcribe','summarize'], r.stage)",
+    )
+    .bind(&ids)
+    .bind(&generations)
+    .fetch_all(pool)
+    .await?;
+    let mut by_video: HashMap<String, Vec<StageStatus>> = HashMap::new();
+    for run in runs {
+        by_video.entry(run.video_id).or_default().push(run.run);
+    }
+    let out = rows
+        .into_iter()
+        .map(|r| VideoStatus {
+            stages: by_video.remove(&r.id).unwrap_or_default(),
             id: r.id,
             url: r.url,
             status: r.status,
             stage: r.stage,
             generation: r.generation,
             error: r.error,
-            stages,
-        });
-    }
+        })
+        .collect();
     Ok(out)
 }
 

@@ -370,3 +370,92 @@ async fn the_polled_read_queries_can_use_an_index() {
         );
     }
 }
+
+/// Status listings carry each video's runs of its current generation only,
+/// in pipeline order, newest video first (all videos' runs are read in one
+/// query, so a listing of 200 videos is two queries, not 201).
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_each_videos_runs_of_its_current_generation() {
+    let (pool, _) = fresh_database(&config()).await;
+    for (id, generation, status, age_s) in [
+        ("url:one", 2, "running", 0),
+        ("url:two", 1, "failed", 10),
+        ("url:three", 1, "queued", 20),
+    ] {
+        sqlx::query(
+            "INSERT INTO videos (id, url, generation, status, updated_at)
+             VALUES ($1, 'https://example.com/' || $1, $2, $3, now() - make_interval(secs => $4))",
+        )
+        .bind(id)
+        .bind(generation as i64)
+        .bind(status)
+        .bind(age_s as f64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    for (id, stage, generation, status) in [
+        ("url:one", "transcribe", 2, "running"),
+        ("url:one", "download", 1, "done"),
+        ("url:one", "download", 2, "done"),
+        ("url:one", "extract-audio", 2, "done"),
+        ("url:two", "summarize", 1, "failed"),
+        ("url:two", "discover", 1, "done"),
+    ] {
+        sqlx::query(
+            "INSERT INTO stage_runs (video_id, stage, generation, attempt, status)
+             VALUES ($1, $2, $3, 1, $4)",
+        )
+        .bind(id)
+        .bind(stage)
+        .bind(generation as i64)
+        .bind(status)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let shown = |v: &vidpipe::client::VideoStatus| {
+        (
+            v.id.clone(),
+            v.stages
+                .iter()
+                .map(|s| format!("{}@{}:{}", s.name, s.generation, s.status))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let all: Vec<_> = vidpipe::client::status(&pool, &[], 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(shown)
+        .collect();
+    assert_eq!(
+        all,
+        [
+            (
+                "url:one".to_string(),
+                vec![
+                    "download@2:done".to_string(),
+                    "extract-audio@2:done".into(),
+                    "transcribe@2:running".into()
+                ]
+            ),
+            (
+                "url:two".into(),
+                vec!["discover@1:done".into(), "summarize@1:failed".into()]
+            ),
+            ("url:three".into(), vec![]),
+        ]
+    );
+    let two: Vec<_> = vidpipe::client::status(&pool, &["url:two".into()], 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(shown)
+        .collect();
+    assert_eq!(two, [all[1].clone()]);
+    assert_eq!(
+        vidpipe::client::status(&pool, &[], 1).await.unwrap().len(),
+        1
+    );
+}
