@@ -504,8 +504,10 @@ pub async fn show(
     let store = match BlobStore::from_config(config) {
         Ok(s) => s,
         Err(e) => {
+            // Settings that cannot make a store: configuration, not a
+            // service that is down.
             eprintln!("error: {e}");
-            return ExitCode::from(UNREACHABLE);
+            return ExitCode::from(2);
         }
     };
     match client::read_result(&pool, &store, id, kind, format, generation).await {

@@ -341,19 +341,29 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Migrate => match migrate(&config).await {
-                Ok(()) => {
-                    println!(
-                        "migrations applied to {}",
-                        db::describe(&config.database_url)
-                    );
-                    ExitCode::SUCCESS
+            Command::Migrate => {
+                match migrate(&config).await {
+                    Ok(()) => {
+                        println!(
+                            "migrations applied to {}",
+                            db::describe(&config.database_url)
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        // 3 when PostgreSQL cannot be reached (try again later);
+                        // 1 when a migration itself failed (someone must look).
+                        match e {
+                            db::DbError::Connect { .. } => ExitCode::from(3),
+                            db::DbError::Migrate(sqlx::migrate::MigrateError::Execute(
+                                ref source,
+                            )) if db::is_unavailable(source) => ExitCode::from(3),
+                            db::DbError::Migrate(_) => ExitCode::FAILURE,
+                        }
+                    }
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(3)
-                }
-            },
+            }
             Command::Run { stages, instance } => run(config, stages, instance).await,
             Command::Serve { listen } => {
                 let shutdown = tokio_util::sync::CancellationToken::new();
@@ -511,7 +521,7 @@ async fn wait_for_signal() {
     }
 }
 
-async fn migrate(config: &Config) -> anyhow::Result<()> {
+async fn migrate(config: &Config) -> Result<(), db::DbError> {
     let pool = db::connect(&config.database_url, 1).await?;
     db::migrate(&pool).await?;
     Ok(())

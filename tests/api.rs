@@ -458,6 +458,26 @@ async fn every_route_answers_for_a_processed_video_and_schemathesis_finds_nothin
         assert!(a.error().contains(says), "{query}: {}", a.body);
     }
 
+    // A result file gone from the blob store: 500, naming the file but not
+    // where the server keeps it.
+    let record = vidpipe::client::stage_output(&p.pool, &id, "transcribe", None)
+        .await
+        .unwrap()
+        .expect("the transcription's output record");
+    let txt = record["transcript"]["uri"].as_str().unwrap();
+    let vtt = std::path::PathBuf::from(txt.strip_prefix("file://").unwrap())
+        .with_file_name("transcript.vtt");
+    let kept = std::fs::read(&vtt).unwrap();
+    std::fs::remove_file(&vtt).unwrap();
+    let a = api.get(&format!("{base}/transcript?format=vtt")).await;
+    api.expect(&a, StatusCode::INTERNAL_SERVER_ERROR, "a missing file");
+    assert!(a.error().contains("transcript.vtt"), "{}", a.body);
+    let dir = vtt.parent().unwrap().display().to_string();
+    assert!(!a.body.contains(&dir), "{}", a.body);
+    assert!(!a.body.contains(&c.storage), "{}", a.body);
+    // Back in place for what follows (schemathesis reads every format).
+    std::fs::write(&vtt, kept).unwrap();
+
     // The library calls the CLI makes answer the same for such ids.
     let nul = "url:\0x".to_string();
     assert!(

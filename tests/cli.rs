@@ -638,3 +638,28 @@ async fn a_service_that_cannot_be_reached_is_named_with_exit_code_3() {
     assert_eq!(ran.code, Some(3), "{ran:?}");
     assert!(ran.stderr.contains("schema registry"), "{ran:?}");
 }
+
+/// `migrate` on a database whose applied migration was changed since:
+/// exit 1 naming the migration (someone must look), not 3 (PostgreSQL
+/// answers; trying again would not help).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_that_fails_is_exit_1_not_unreachable() {
+    let c = config();
+    let (pool, url) = crate::helpers::fresh_database_url(&c).await;
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea
+         WHERE version = (SELECT min(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ran = vidpipe(
+        &["migrate"],
+        &[("VIDPIPE_DATABASE_URL", url.expose_secret().to_string())],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(ran.stderr.contains("migration"), "{ran:?}");
+    assert!(!ran.stderr.contains("vidpipe@"), "{ran:?}");
+}

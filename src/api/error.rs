@@ -20,6 +20,7 @@ use crate::admin::AdminError;
 use crate::client::{ClientError, ResultError};
 use crate::replay::ReplayError;
 use crate::store::blobs::BlobError;
+use crate::store::db;
 
 /// An API error, by the status it answers with.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +63,8 @@ impl ApiError {
     pub fn database(e: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match &e {
-            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::Protocol(_) => {
-                Self::Unavailable(format!("PostgreSQL is not answering: {e}"))
+            _ if db::is_unavailable(&e) => {
+                Self::Unavailable(format!("PostgreSQL is not serving: {e}"))
             }
             // character_not_in_repertoire: a NUL in a string from the
             // request (PostgreSQL text cannot hold one). Ids with one name
@@ -73,19 +74,6 @@ impl ApiError {
                 "a value in the request holds a character PostgreSQL cannot store (NUL)"
                     .to_string(),
             ),
-            // The server is there but will not serve us now: connection
-            // exceptions (08), bad credentials (28), out of connections or
-            // resources (53), shutting down (57). An operator's matter,
-            // not a fault in the request or in our query.
-            E::Database(d)
-                if d.code().as_deref().is_some_and(|c| {
-                    ["08", "28", "53", "57"]
-                        .iter()
-                        .any(|class| c.starts_with(class))
-                }) =>
-            {
-                Self::Unavailable(format!("PostgreSQL is not serving: {e}"))
-            }
             // undefined_table: a database that `vidpipe migrate` never saw.
             E::Database(d) if d.code().as_deref() == Some("42P01") => Self::Unavailable(format!(
                 "PostgreSQL: {e} (apply the schema with `vidpipe migrate`)"
@@ -141,7 +129,20 @@ impl From<ResultError> for ApiError {
             ResultError::Blob { ref source, .. } if matches!(**source, BlobError::Store { .. }) => {
                 Self::Unavailable(format!("blob store: {e}"))
             }
-            ResultError::NoFile { .. } | ResultError::Blob { .. } => Self::Internal(e.to_string()),
+            ResultError::NoFile { .. } => Self::Internal(e.to_string()),
+            // The store's own words name files and paths on the server:
+            // they go to the log, and the answer says what is missing.
+            ResultError::Blob {
+                ref video_id,
+                ref file,
+                ref source,
+            } => {
+                tracing::error!(video_id, file, error = %source, "a result file cannot be read");
+                Self::Internal(format!(
+                    "the {file} of {video_id} cannot be read from the blob store \
+                     (the server's log says why)"
+                ))
+            }
             ResultError::Database(e) => Self::database(e),
         }
     }

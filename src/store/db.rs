@@ -30,6 +30,24 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Whether PostgreSQL did not answer or will not serve us now (try again
+/// later; an operator's matter, not a fault in a request or a query): no
+/// connection, or a connection exception (SQLSTATE class 08), bad
+/// credentials (28), no connections or resources left (53), shutting down
+/// (57).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match e {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::Protocol(_) => true,
+        E::Database(d) => d.code().is_some_and(|c| {
+            ["08", "28", "53", "57"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }),
+        _ => false,
+    }
+}
+
 /// Host, port and database of a URL, for messages (no user, no password).
 pub fn describe(url: &SecretString) -> String {
     match url::Url::parse(url.expose_secret()) {
