@@ -450,7 +450,7 @@ impl Config {
             h.is_empty()
                 || !h
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         };
         if self.api_hosts.split(',').map(str::trim).any(not_a_name) && !self.api_hosts.is_empty() {
             return Err(invalid(

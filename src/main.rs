@@ -25,10 +25,12 @@ use vidpipe::store::db;
         "\n",
         "Exit codes:\n",
         "  0  success\n",
-        "  1  a video failed (its stage and reason are printed), or what was asked for is not there\n",
+        "  1  a video failed (its stage and reason are printed), or what was asked for is not there,\n",
+        "     or a migration failed\n",
         "  2  usage or configuration error: a bad argument, URL or setting\n",
         "  3  a service cannot be reached; the message names it (Kafka, the schema registry,\n",
         "     PostgreSQL, RabbitMQ)\n",
+        "  130  replay stopped by Ctrl-C between videos\n",
         "\n",
         "Configuration: vidpipe.toml (or the file in VIDPIPE_CONFIG) and VIDPIPE_* environment\n",
         "variables, which win; `vidpipe config` prints it. `vidpipe help COMMAND` for more.",
@@ -156,7 +158,8 @@ enum Command {
     /// --since/--until, or, where the topic no longer holds it, the one the
     /// previous stage's status row kept. Exit codes: 0 replayed (or nothing
     /// matched the range), 1 an unknown video or one with no input record,
-    /// 2 usage, 3 a service is unreachable.
+    /// 2 usage, 3 a service is unreachable, 130 stopped by Ctrl-C between
+    /// videos.
     #[command(after_help = concat!(
         "Examples:\n",
         "  vidpipe replay --stage transcribe --since 7d  # e.g. after a better ASR model\n",
@@ -247,7 +250,9 @@ enum Command {
         "  VIDPIPE_AMQP_URL=amqp://u:p@rabbit:5672/%2f vidpipe bridge",
     ))]
     Bridge,
-    /// Apply the database migrations.
+    /// Apply the database migrations. Exit codes: 0, 1 a migration failed
+    /// (e.g. one already applied was changed since), 3 PostgreSQL is
+    /// unreachable.
     #[command(after_help = concat!(
         "Examples:\n",
         "  vidpipe migrate\n",

@@ -629,16 +629,21 @@ async fn db_candidates(
     kind: Kind,
     since: i64,
     until: Option<i64>,
+    limit: Option<usize>,
 ) -> Result<Vec<String>, ReplayError> {
+    // LIMIT NULL is no limit.
+    let limit = limit.map(|n| n as i64);
     let since = DateTime::from_timestamp_millis(since).unwrap_or_default();
     let until = until.and_then(DateTime::from_timestamp_millis);
     let ids: Vec<String> = match kind.previous() {
         None => {
             sqlx::query_scalar(
-                "SELECT id FROM videos WHERE created_at >= $1 AND ($2::timestamptz IS NULL OR created_at < $2)",
+                "SELECT id FROM videos WHERE created_at >= $1 AND ($2::timestamptz IS NULL OR created_at < $2)
+                 LIMIT $3",
             )
             .bind(since)
             .bind(until)
+            .bind(limit)
             .fetch_all(pool)
             .await?
         }
@@ -653,11 +658,13 @@ async fn db_candidates(
                  UNION
                  SELECT d.video_id FROM discovered d JOIN videos v ON v.id = d.video_id
                  WHERE $1 = 'discover'
-                   AND d.discovered_at >= $2 AND ($3::timestamptz IS NULL OR d.discovered_at < $3)",
+                   AND d.discovered_at >= $2 AND ($3::timestamptz IS NULL OR d.discovered_at < $3)
+                 LIMIT $4",
             )
             .bind(previous)
             .bind(since)
             .bind(until)
+            .bind(limit)
             .fetch_all(pool)
             .await?
         }
@@ -810,7 +817,9 @@ pub async fn plan(config: &Config, pool: &PgPool, sel: &Selection) -> Result<Pla
     if named.is_empty() {
         chosen.extend(on_topic.keys().cloned());
         if let Some(since) = since {
-            chosen.extend(db_candidates(pool, kind, since, until).await?);
+            // One more than the bound is enough to know it is passed.
+            let limit = sel.max_videos.map(|m| m + 1);
+            chosen.extend(db_candidates(pool, kind, since, until, limit).await?);
         }
         if let Some(max) = sel.max_videos
             && chosen.len() > max

@@ -1085,14 +1085,19 @@ async fn serve_refuses_a_public_address_without_a_token() {
 /// One raw HTTP/1.1 GET with `host` as its Host header: the status code
 /// and the body.
 async fn get_with_host(base: &str, path: &str, host: &str) -> (u16, String) {
+    raw_request(
+        base,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends `head` as it is and reads the answer to its end.
+async fn raw_request(base: &str, head: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("send");
+    s.write_all(head.as_bytes()).await.expect("send");
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
@@ -1138,11 +1143,25 @@ async fn requests_naming_an_unknown_host_are_refused() {
         format!("rebound.example:{port}"),
         "vidpipe.test.example".into(),
     ] {
-        for path in ["/api/v1/sources", "/", "/healthz"] {
+        for path in ["/api/v1/sources", "/", "/openapi.json"] {
             let (status, body) = get_with_host(&server.base, path, &host).await;
             assert_eq!(status, 403, "{host} {path}: {body}");
             assert!(body.contains("api_hosts"), "{body}");
         }
+        // Monitoring answers whatever name a scraper or probe uses.
+        let (status, body) = get_with_host(&server.base, "/healthz", &host).await;
+        assert_eq!(status, 200, "{host} /healthz: {body}");
+    }
+    // No Host, or two: 400.
+    for head in [
+        "GET /api/v1/sources HTTP/1.0\r\n\r\n".to_string(),
+        format!(
+            "GET /api/v1/sources HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: rebound.example\r\nConnection: close\r\n\r\n"
+        ),
+    ] {
+        let (status, body) = raw_request(&server.base, &head).await;
+        assert_eq!(status, 400, "{head:?}: {body}");
+        assert!(body.contains("Host"), "{body}");
     }
 }
 

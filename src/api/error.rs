@@ -126,8 +126,17 @@ impl From<ResultError> for ApiError {
             ResultError::UnknownVideo(_) | ResultError::NotFinished { .. } => {
                 Self::NotFound(e.to_string())
             }
-            ResultError::Blob { ref source, .. } if matches!(**source, BlobError::Store { .. }) => {
-                Self::Unavailable(format!("blob store: {e}"))
+            // The object store's words name its endpoint and object paths:
+            // they go to the log.
+            ResultError::Blob {
+                ref video_id,
+                ref file,
+                ref source,
+            } if matches!(**source, BlobError::Store { .. }) => {
+                tracing::warn!(video_id, file, error = %source, "the blob store did not answer");
+                Self::Unavailable(
+                    "the blob store did not answer (the server's log says why)".into(),
+                )
             }
             ResultError::NoFile { .. } => Self::Internal(e.to_string()),
             // The store's own words name files and paths on the server:

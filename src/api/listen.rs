@@ -9,7 +9,7 @@
 //! [`SHUTDOWN_GRACE`], then drops what is left.
 //!
 //! [`check_host`] refuses a `Host` header that names a host this server was
-//! not told it is. A web page on a name its owner controls can re-point the
+//! not told it is (monitoring routes excepted). A web page on a name its owner controls can re-point the
 //! name at 127.0.0.1 (DNS rebinding); the browser then treats this server as
 //! that page's own origin and lets its script read the answers. An address
 //! (`127.0.0.1:8686`) and `localhost` cannot be re-pointed that way.
@@ -88,38 +88,53 @@ pub async fn run(listener: TcpListener, app: Router, shutdown: CancellationToken
     }
 }
 
+/// Routes for monitoring, served whatever the `Host`: Prometheus and
+/// health probes send their target's name, and these hold nothing a
+/// rebinding page could want.
+const OPERATIONS: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
 /// Answers 403 when the request's `Host` names a host that is neither an
-/// address, nor `localhost`, nor one of `api_hosts`.
+/// address, nor `localhost`, nor one of `api_hosts`; 400 without exactly
+/// one readable Host.
 pub async fn check_host(
     axum::extract::State(state): axum::extract::State<Arc<State>>,
     req: Request,
     next: Next,
 ) -> Response {
-    // HTTP/1.1 puts the authority in Host; a request line in absolute form
-    // puts it in the URI, which hyper shows as the URI's host.
-    let host = req.uri().host().map(str::to_owned).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    });
-    match host {
-        Some(host) if !host_allowed(&host, &state.config.api_hosts) => {
-            let shown: String = host.chars().take(100).collect();
-            (
-                StatusCode::FORBIDDEN,
-                axum::Json(serde_json::json!({
-                    "error": format!(
-                        "this server does not answer to the host {shown:?}: add it to api_hosts \
-                         (VIDPIPE_API_HOSTS, comma-separated), or use its address"
-                    )
-                })),
-            )
-                .into_response()
-        }
-        // No host at all (HTTP/1.0) is no browser's request.
-        _ => next.run(req).await,
+    if OPERATIONS.contains(&req.uri().path()) {
+        return next.run(req).await;
     }
+    let refuse = |status, message: String| {
+        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    };
+    // A request line in absolute form carries the authority in the URI,
+    // which then counts; otherwise the one Host header.
+    let host = match req.uri().host() {
+        Some(h) => h.to_owned(),
+        None => {
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            match (hosts.next().map(|h| h.to_str()), hosts.next()) {
+                (Some(Ok(h)), None) => h.to_owned(),
+                _ => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "send exactly one Host header, in ASCII".into(),
+                    );
+                }
+            }
+        }
+    };
+    if !host_allowed(&host, &state.config.api_hosts) {
+        let shown: String = host.chars().take(100).collect();
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this server does not answer to the host {shown:?}: add it to api_hosts \
+                 (VIDPIPE_API_HOSTS, comma-separated), or use its address"
+            ),
+        );
+    }
+    next.run(req).await
 }
 
 /// Whether `authority` (`host` or `host:port`) is an address, `localhost`,

@@ -134,6 +134,12 @@ pub struct State {
     /// The submit endpoint's producer, made on first use (and tried again
     /// on the next request if Kafka or the registry did not answer).
     sender: tokio::sync::OnceCell<crate::client::CommandSender>,
+    /// Work that must not be cut off mid-way (a replay's sending): the
+    /// server waits for it before it exits.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Fires when the server begins to shut down: tracked work stops at
+    /// its next safe point.
+    pub stopping: CancellationToken,
 }
 
 impl State {
@@ -171,6 +177,8 @@ impl State {
             .build()
             .map_err(|e| ServeError::Config(format!("HTTP client: {e}")))?;
         Ok(Self {
+            tasks: tokio_util::task::TaskTracker::new(),
+            stopping: CancellationToken::new(),
             config,
             pool,
             blobs,
@@ -552,6 +560,13 @@ async fn deadline(
     req: Request,
     next: Next,
 ) -> Response {
+    // A replay's sending runs to its end on a task of its own whatever
+    // becomes of the request: an answer "stopped" would be untrue, and a
+    // client retrying on it would replay the same videos twice. Its work
+    // is bounded otherwise (1000 videos, each send with its own timeout).
+    if req.uri().path() == "/api/v1/replay" {
+        return next.run(req).await;
+    }
     let limit = Duration::from_secs(state.config.api_request_timeout_secs);
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
@@ -636,6 +651,25 @@ pub async fn serve(
     state.refresh_stages();
     println!("vidpipe serve: listening on http://{local}");
     tracing::info!(address = %local, "serving the API and status pages");
+    let stopping = state.stopping.clone();
+    let tasks = state.tasks.clone();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            stopping.cancel();
+        }
+    });
     listen::run(listener, app(state), shutdown).await;
+    // A replay stops between videos, never between a video's move to
+    // `queued` and the send of its record: wait for that point.
+    tasks.close();
+    if !tasks.is_empty() {
+        tracing::info!(
+            tasks = tasks.len(),
+            "waiting for replays under way to reach a safe point"
+        );
+    }
+    tasks.wait().await;
     Ok(())
 }

@@ -357,8 +357,12 @@ pub struct ReplayResponse {
     pub topic: String,
     /// True when nothing was sent.
     pub dry_run: bool,
-    /// The videos, in id order.
+    /// The videos, in id order: those replayed (or, in a dry run, that
+    /// would be).
     pub videos: Vec<ReplayItem>,
+    /// Videos of the selection left as they were because the server began
+    /// to shut down while sending (0 otherwise): replay them again.
+    pub not_sent: usize,
 }
 
 /// One member of a stage's consumer group.

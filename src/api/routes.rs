@@ -400,6 +400,7 @@ pub async fn replay(
                 topic,
                 dry_run: true,
                 videos,
+                not_sent: 0,
             }),
         ));
     }
@@ -407,15 +408,18 @@ pub async fn replay(
     // that goes away between the two must not leave a video queued with
     // nothing on its way, so the sending runs to its end on a task of its
     // own whatever becomes of the request.
+    // A shutdown stops it between videos, and the server waits for that.
     let sending = {
-        let state = Arc::clone(&state);
-        let never = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(async move { replay::send(&state.config, &state.pool, plan, &never).await })
+        let shared = Arc::clone(&state);
+        state.tasks.spawn(async move {
+            replay::send(&shared.config, &shared.pool, plan, &shared.stopping).await
+        })
     };
     let sent = sending
         .await
-        .map_err(|e| ApiError::Internal(format!("the replay's sending task failed: {e}")))??
-        .replayed;
+        .map_err(|e| ApiError::Internal(format!("the replay's sending task failed: {e}")))??;
+    let left = sent.left;
+    let sent = sent.replayed;
     let videos = sent
         .into_iter()
         .map(|r| {
@@ -440,6 +444,7 @@ pub async fn replay(
             topic,
             dry_run: false,
             videos,
+            not_sent: left,
         }),
     ))
 }

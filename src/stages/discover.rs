@@ -136,10 +136,12 @@ fn is_media_path(url: &Url) -> bool {
 impl<C: Catalog> Discover<C> {
     /// What `url` holds: one video, or a source's entries (newest first).
     ///
-    /// A channel or playlist is listed up to four times `limit` entries
-    /// (some are known already, or are not videos).
-    async fn resolve(&self, url: &Url, limit: usize) -> Result<(Vec<Found>, bool), StageError> {
-        let list_limit = limit.max(1) * 4;
+    /// A channel or playlist is listed up to `list_limit` entries (per tab).
+    async fn resolve(
+        &self,
+        url: &Url,
+        list_limit: usize,
+    ) -> Result<(Vec<Found>, bool), StageError> {
         let single = |title: Option<String>| {
             Ok((
                 vec![Found {
@@ -273,16 +275,20 @@ impl<C: Catalog> Stage for Discover<C> {
             ids::normalise(raw).map_err(|e| StageError::permanent("bad_url", e.to_string()))?;
         // A source seen for the first time (or submitted once) reaches back
         // only so far; a subscription's later polls take what is new, up to
-        // MAX_PER_POLL entries (newest first). A later poll of a channel
-        // lists as far back as a default first poll would: polls come often
-        // enough that what is new is near the top.
-        let (limit, list_limit) = match self.catalog.source(&ids::source_id(&url)).await? {
-            Some(s) if s.polls > 1 => (MAX_PER_POLL, self.max_backfill),
+        // MAX_PER_POLL entries (newest first). A first look lists a channel
+        // to four times what it takes (some entries are known already, or
+        // are not videos).
+        let first = |n: usize| (n, n.max(1) * 4);
+        let (limit, list_limit, later) = match self.catalog.source(&ids::source_id(&url)).await? {
+            Some(s) if s.polls > 1 => (MAX_PER_POLL, MAX_PER_POLL, true),
             Some(s) => {
-                let n = (s.max_backfill.max(0) as usize).min(MAX_BACKFILL);
-                (n, n)
+                let (n, list) = first((s.max_backfill.max(0) as usize).min(MAX_BACKFILL));
+                (n, list, false)
             }
-            None => (self.max_backfill, self.max_backfill),
+            None => {
+                let (n, list) = first(self.max_backfill);
+                (n, list, false)
+            }
         };
         // Listing a channel or reading a feed can take up to the download
         // deadline: a shutdown or a lost partition must not wait for it
@@ -300,7 +306,7 @@ impl<C: Catalog> Stage for Discover<C> {
                  or subscribe with `vidpipe sources add URL`",
             ));
         }
-        if is_source && limit == MAX_PER_POLL && found.len() > limit {
+        if is_source && later && found.len() > limit {
             tracing::info!(
                 source = %redact(&url),
                 entries = found.len(),
