@@ -77,6 +77,11 @@ async fn main() {
     if let Ok(n) = std::env::var("BENCH_ASR_CONCURRENCY") {
         c.media.asr_concurrency = n.parse().expect("BENCH_ASR_CONCURRENCY: a count");
     }
+    // `BENCH_ASR_URL` points every variant at another ASR server (as
+    // `benches/pinned.sh` does, with transcription on CPUs of its own).
+    if let Ok(url) = std::env::var("BENCH_ASR_URL") {
+        c.asr_url = url;
+    }
     let concurrency = c.media.asr_concurrency;
     // A connection per request, as vidpipe's ASR client does: the stack's
     // server is one worker process per core, and a kept-alive connection
