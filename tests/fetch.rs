@@ -1062,6 +1062,55 @@ async fn guarded_ytdlp(allow: &str) -> Ytdlp {
     ytdlp(10 << 20, Duration::from_secs(60)).with_egress(Arc::new(egress))
 }
 
+/// The proxy's secret reaches yt-dlp in its environment, which only its
+/// own user can read, and never on its command line, which every local
+/// user can (`/proc/PID/cmdline`).
+#[tokio::test]
+async fn ytdlp_gets_the_proxy_secret_in_its_environment_not_its_arguments() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let (args, env) = (work.path().join("args"), work.path().join("env"));
+    let exe = work.path().join("yt-dlp");
+    std::fs::write(
+        &exe,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\nenv > '{}'\nexit 1\n",
+            args.display(),
+            env.display()
+        ),
+    )
+    .expect("write the script");
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+    let egress = Arc::new(
+        Egress::start(AddressPolicy::strict(), Duration::from_secs(30))
+            .await
+            .expect("the egress proxy starts"),
+    );
+    let secret = url::Url::parse(&egress.proxy_url())
+        .unwrap()
+        .password()
+        .expect("the proxy URL has a secret")
+        .to_string();
+    assert!(secret.len() >= 32, "{secret}");
+    let _ = Ytdlp::new(&exe, 10 << 20, Duration::from_secs(30))
+        .with_egress(Arc::clone(&egress))
+        .list("https://www.youtube.com/@someone", 5)
+        .await
+        .expect_err("the stand-in fails");
+    let args = std::fs::read_to_string(&args).expect("the arguments were written");
+    let env = std::fs::read_to_string(&env).expect("the environment was written");
+    assert!(!args.contains(&secret), "{args}");
+    assert!(!args.contains("--proxy"), "{args}");
+    for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+        assert!(
+            env.lines()
+                .any(|l| l == format!("{name}={}", egress.proxy_url())),
+            "{name} missing: {env}"
+        );
+    }
+    assert!(!env.to_ascii_lowercase().contains("no_proxy"), "{env}");
+}
+
 #[tokio::test]
 async fn ytdlp_behind_the_egress_proxy_downloads_from_an_allowed_address() {
     let work = tempfile::tempdir().expect("temp dir");
@@ -1124,6 +1173,16 @@ async fn ytdlp_led_to_a_private_address_is_stopped_by_the_egress_proxy() {
 
 /// Sends `head` to the proxy at `proxy` and returns what it answered
 /// before closing (for a tunnel: after `then` was sent through it).
+/// `head` with the `Proxy-Authorization` of `egress` after its request
+/// line (the proxy serves nobody without it).
+fn authed(egress: &Egress, head: &str) -> String {
+    let url = url::Url::parse(&egress.proxy_url()).expect("the proxy URL parses");
+    let credentials = format!("{}:{}", url.username(), url.password().unwrap_or_default());
+    let value = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials);
+    let (line, rest) = head.split_once("\r\n").expect("a request line");
+    format!("{line}\r\nProxy-Authorization: Basic {value}\r\n{rest}")
+}
+
 async fn through_proxy(proxy: &str, head: &str, then: &[u8]) -> String {
     let mut s = TcpStream::connect(proxy).await.expect("the proxy listens");
     s.write_all(head.as_bytes()).await.expect("send");
@@ -1166,11 +1225,14 @@ async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
     )
     .await
     .expect("the egress proxy starts");
-    let proxy = egress.proxy_url().trim_start_matches("http://").to_owned();
+    let proxy = egress.address().to_string();
 
     let tunnel = through_proxy(
         &proxy,
-        &format!("CONNECT {allowed} HTTP/1.1\r\nHost: {allowed}\r\n\r\n"),
+        &authed(
+            &egress,
+            &format!("CONNECT {allowed} HTTP/1.1\r\nHost: {allowed}\r\n\r\n"),
+        ),
         b"GET /in-tunnel HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -1182,7 +1244,7 @@ async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
 
     let forwarded = through_proxy(
         &proxy,
-        &format!("GET http://{allowed}/plain?q=1 HTTP/1.1\r\nHost: {allowed}\r\nProxy-Connection: keep-alive\r\n\r\n"),
+        &authed(&egress, &format!("GET http://{allowed}/plain?q=1 HTTP/1.1\r\nHost: {allowed}\r\nProxy-Connection: keep-alive\r\n\r\n")),
         b"",
     )
     .await;
@@ -1192,27 +1254,54 @@ async fn the_egress_proxy_tunnels_and_forwards_to_allowed_addresses_only() {
         format!("CONNECT {blocked} HTTP/1.1\r\n\r\n"),
         format!("GET http://{blocked}/x HTTP/1.1\r\nHost: {blocked}\r\n\r\n"),
     ] {
-        let refused = through_proxy(&proxy, &head, b"GET / HTTP/1.1\r\n\r\n").await;
+        let refused =
+            through_proxy(&proxy, &authed(&egress, &head), b"GET / HTTP/1.1\r\n\r\n").await;
         assert!(
             refused.starts_with("HTTP/1.1 403 Blocked by vidpipe egress policy"),
             "{head:?}: {refused}"
         );
         assert!(refused.contains("loopback"), "{refused}");
     }
+    // Without the proxy's secret (none, a wrong one, or two headers): 407,
+    // and nothing is reached.
+    let before = allowed_hits.load(Ordering::SeqCst);
+    let good = authed(&egress, &format!("CONNECT {allowed} HTTP/1.1\r\n\r\n"));
+    let auth_line = good.lines().nth(1).unwrap().to_string();
+    for head in [
+        format!("CONNECT {allowed} HTTP/1.1\r\n\r\n"),
+        format!("GET http://{allowed}/x HTTP/1.1\r\nHost: {allowed}\r\n\r\n"),
+        format!(
+            "CONNECT {allowed} HTTP/1.1\r\nProxy-Authorization: Basic dmlkcGlwZTp3cm9uZw==\r\n\r\n"
+        ),
+        format!("CONNECT {allowed} HTTP/1.1\r\n{auth_line}\r\n{auth_line}\r\n\r\n"),
+    ] {
+        let refused = through_proxy(&proxy, &head, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(
+            refused.starts_with("HTTP/1.1 407 Proxy Authentication Required"),
+            "{head:?}: {refused}"
+        );
+    }
+    assert_eq!(
+        allowed_hits.load(Ordering::SeqCst),
+        before,
+        "reached without the secret"
+    );
     // A name is resolved and its answers checked too (nothing exempted).
     let strict_egress = Egress::start(AddressPolicy::strict(), Duration::from_secs(30))
         .await
         .expect("the egress proxy starts");
-    let strict = strict_egress
-        .proxy_url()
-        .trim_start_matches("http://")
-        .to_owned();
+    let strict = strict_egress.address().to_string();
     let before = allowed_hits.load(Ordering::SeqCst);
     for head in [
         format!("CONNECT localhost:{} HTTP/1.1\r\n\r\n", allowed.port()),
         format!("GET http://localhost:{}/x HTTP/1.1\r\n\r\n", allowed.port()),
     ] {
-        let refused = through_proxy(&strict, &head, b"GET / HTTP/1.1\r\n\r\n").await;
+        let refused = through_proxy(
+            &strict,
+            &authed(&strict_egress, &head),
+            b"GET / HTTP/1.1\r\n\r\n",
+        )
+        .await;
         assert!(
             refused.starts_with("HTTP/1.1 403 Blocked by vidpipe egress policy"),
             "{head:?}: {refused}"
@@ -1305,13 +1394,15 @@ async fn the_egress_proxy_forwards_one_request_and_its_body_per_connection() {
     )
     .await
     .expect("the egress proxy starts");
-    let proxy = egress.proxy_url().trim_start_matches("http://").to_owned();
+    let proxy = egress.address().to_string();
     let mut s = TcpStream::connect(&proxy).await.expect("the proxy listens");
     let two = format!(
         "POST http://{upstream}/one HTTP/1.1\r\nHost: {upstream}\r\nContent-Length: 4\r\n\r\nbody\
          GET http://example.com/two HTTP/1.1\r\nHost: example.com\r\n\r\n"
     );
-    s.write_all(two.as_bytes()).await.expect("send");
+    s.write_all(authed(&egress, &two).as_bytes())
+        .await
+        .expect("send");
     let mut got = Vec::new();
     s.read_to_end(&mut got).await.expect("read");
     let got = String::from_utf8_lossy(&got);

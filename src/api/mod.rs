@@ -536,7 +536,7 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
+    if crate::config::same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
         return next.run(req).await;
     }
     let mut response = (
@@ -576,12 +576,6 @@ async fn deadline(
         ))
         .into_response(),
     }
-}
-
-/// Compares without stopping at the first difference, so the time taken
-/// does not tell how much of a guess was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// JSON under `/api/`, a page elsewhere.

@@ -5,7 +5,7 @@
 //! and its extractors follow embeds to other hosts. Only the first URL's
 //! site is checked before it starts, so any open redirect on a supported
 //! site could have made it fetch `http://169.254.169.254/` or a service on
-//! the private network. Run with `--proxy` pointing here, every request of
+//! the private network. With its proxy variables pointing here, every request of
 //! its own HTTP handlers is resolved and checked by this proxy, the same
 //! way the guarded client checks each hop: every A and AAAA answer must be
 //! public (or in `net_allow`), and the connection goes to an address that
@@ -23,11 +23,18 @@
 //! comes back. A refusal is a `403` whose reason phrase carries a random
 //! token of this proxy, which is how a run's failure is classified as
 //! `blocked_address` (a server cannot forge it).
+//!
+//! Only yt-dlp may use it: every request must carry `Proxy-Authorization`
+//! with a secret made at start (407 otherwise). The secret reaches yt-dlp in
+//! its environment, which only its own user can read, never on its command
+//! line, which every local user can; any other process on the machine gets
+//! nothing from the port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,6 +63,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Egress {
     addr: SocketAddr,
     refusal: Arc<str>,
+    /// The secret part of the proxy's URL (user `vidpipe`).
+    secret: Arc<str>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -72,7 +81,17 @@ impl Egress {
             rand::rng().random::<u64>()
         )
         .into();
-        let shared = Arc::new((policy, Arc::clone(&refusal)));
+        let secret: Arc<str> = format!(
+            "{:016x}{:016x}",
+            rand::rng().random::<u64>(),
+            rand::rng().random::<u64>()
+        )
+        .into();
+        let authorization = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("vidpipe:{secret}"))
+        );
+        let shared = Arc::new((policy, Arc::clone(&refusal), authorization));
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let accept = tokio::spawn(async move {
             loop {
@@ -92,9 +111,12 @@ impl Egress {
                 };
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
-                    let (policy, refusal) = &*shared;
-                    let _ =
-                        tokio::time::timeout(max_connection, serve(stream, policy, refusal)).await;
+                    let (policy, refusal, authorization) = &*shared;
+                    let _ = tokio::time::timeout(
+                        max_connection,
+                        serve(stream, policy, refusal, authorization),
+                    )
+                    .await;
                     drop(slot);
                 });
             }
@@ -102,13 +124,20 @@ impl Egress {
         Ok(Self {
             addr,
             refusal,
+            secret,
             accept,
         })
     }
 
-    /// The value of yt-dlp's `--proxy`.
+    /// The proxy's URL, with its secret: for yt-dlp's environment
+    /// (`http_proxy`, `https_proxy`), never for a command line or a log.
     pub fn proxy_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://vidpipe:{}@{}", self.secret, self.addr)
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The reason phrase of this proxy's refusals, which yt-dlp quotes in
@@ -126,12 +155,13 @@ impl Drop for Egress {
 
 impl std::fmt::Debug for Egress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret.
         f.debug_struct("Egress").field("addr", &self.addr).finish()
     }
 }
 
 /// One proxied connection from yt-dlp.
-async fn serve(mut client: TcpStream, policy: &AddressPolicy, refusal: &str) {
+async fn serve(mut client: TcpStream, policy: &AddressPolicy, refusal: &str, authorization: &str) {
     let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
         Ok(Ok(parts)) => parts,
         Ok(Err(HeadError::TooLarge)) => {
@@ -139,6 +169,14 @@ async fn serve(mut client: TcpStream, policy: &AddressPolicy, refusal: &str) {
         }
         Ok(Err(HeadError::Closed)) | Err(_) => return,
     };
+    if !authorized(&head, authorization) {
+        return answer(
+            &mut client,
+            "407 Proxy Authentication Required",
+            "this proxy serves vidpipe's yt-dlp only",
+        )
+        .await;
+    }
     let request = match parse(&head) {
         Ok(r) => r,
         Err(why) => return answer(&mut client, "400 Bad Request", why).await,
@@ -383,6 +421,22 @@ async fn connect(host: &str, port: u16, policy: &AddressPolicy) -> Result<TcpStr
         }
     }
     Err(Refusal::Unreachable(last))
+}
+
+/// Whether the head carries exactly one `Proxy-Authorization`, and it is
+/// `expected`.
+fn authorized(head: &[u8], expected: &str) -> bool {
+    let mut given = head.split(|b| *b == b'\n').skip(1).filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|b| *b == b':')?;
+        let name = &line[..colon];
+        name.eq_ignore_ascii_case(b"proxy-authorization")
+            .then(|| line[colon + 1..].trim_ascii())
+    });
+    match (given.next(), given.next()) {
+        (Some(value), None) => crate::config::same_secret(value, expected.as_bytes()),
+        _ => false,
+    }
 }
 
 /// Answers yt-dlp with `status` and a one-line explanation, then closes.

@@ -294,7 +294,7 @@ impl Ytdlp {
         // A random marker: a hostile title echoed in yt-dlp's messages
         // cannot forge the result line.
         let marker = format!("vidpipe-result-{:016x}", rand::rng().random::<u64>());
-        let mut args: Vec<OsString> = common_args(self.socket_timeout, self.egress.as_deref());
+        let mut args: Vec<OsString> = common_args(self.socket_timeout);
         for a in [
             "--no-playlist",
             // A URL that is only a playlist would otherwise download all.
@@ -353,7 +353,7 @@ impl Ytdlp {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut args = common_args(self.socket_timeout, self.egress.as_deref());
+        let mut args = common_args(self.socket_timeout);
         for a in ["--flat-playlist", "-J", "--playlist-end"] {
             args.push(a.into());
         }
@@ -536,7 +536,19 @@ impl Ytdlp {
         watch: Option<&Path>,
         url: &str,
     ) -> Result<RunOutput, YtdlpError> {
-        let child = super::tool_env(&mut Command::new(&self.exe))
+        let mut command = Command::new(&self.exe);
+        super::tool_env(&mut command);
+        if let Some(egress) = &self.egress {
+            // Every request of yt-dlp through the egress proxy. Python reads
+            // the lower-case names first; the upper-case ones are set too so
+            // that no other value can be found. Nothing else of the proxy
+            // environment (no_proxy) is passed on (`tool_env`).
+            let url = egress.proxy_url();
+            for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+                command.env(name, &url);
+            }
+        }
+        let child = command
             .args(&args)
             .env("PYTHONIOENCODING", "utf-8")
             .stdin(Stdio::null())
@@ -641,9 +653,9 @@ impl Drop for Group {
 }
 
 /// Options of every run: nothing from the machine's configuration,
-/// plugins or cache, a bounded wait per connection, and every request
-/// through the egress proxy when there is one.
-fn common_args(socket_timeout: Duration, egress: Option<&Egress>) -> Vec<OsString> {
+/// plugins or cache, and a bounded wait per connection. (The egress proxy
+/// is given in the environment: its URL holds a secret.)
+fn common_args(socket_timeout: Duration) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--ignore-config".into(),
         "--no-plugin-dirs".into(),
@@ -657,10 +669,6 @@ fn common_args(socket_timeout: Duration, egress: Option<&Egress>) -> Vec<OsStrin
     // as "no ffmpeg" and does not look on PATH then.
     args.push("--ffmpeg-location".into());
     args.push("/dev/null/no-ffmpeg".into());
-    if let Some(egress) = egress {
-        args.push("--proxy".into());
-        args.push(egress.proxy_url().into());
-    }
     args
 }
 
