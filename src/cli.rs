@@ -52,7 +52,11 @@ fn quit_on_write_error(e: &std::io::Error) -> ! {
 async fn pool(config: &Config) -> Result<PgPool, ExitCode> {
     db::connect(&config.database_url, 2).await.map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(UNREACHABLE)
+        if e.is_configuration() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::from(UNREACHABLE)
+        }
     })
 }
 

@@ -357,9 +357,11 @@ fn main() -> ExitCode {
                     }
                     Err(e) => {
                         eprintln!("error: {e}");
-                        // 3 when PostgreSQL cannot be reached (try again later);
-                        // 1 when a migration itself failed (someone must look).
+                        // 2 when the login or the database is wrong; 3 when
+                        // PostgreSQL cannot be reached (try again later); 1
+                        // when a migration itself failed (someone must look).
                         match e {
+                            _ if e.is_configuration() => ExitCode::from(2),
                             db::DbError::Connect { .. } => ExitCode::from(3),
                             db::DbError::Migrate(sqlx::migrate::MigrateError::Execute(
                                 ref source,

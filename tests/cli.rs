@@ -663,3 +663,31 @@ async fn a_migration_that_fails_is_exit_1_not_unreachable() {
     assert!(ran.stderr.contains("migration"), "{ran:?}");
     assert!(!ran.stderr.contains("vidpipe@"), "{ran:?}");
 }
+
+/// A login PostgreSQL refuses, or a database that does not exist, is a
+/// configuration error (exit 2, naming PostgreSQL, not echoing the
+/// password), not a service that cannot be reached.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_login_or_a_missing_database_is_exit_2() {
+    let c = config();
+    let mut wrong_password =
+        url::Url::parse(c.database_url.expose_secret()).expect("database_url parses");
+    wrong_password
+        .set_password(Some("not-the-password-0451"))
+        .unwrap();
+    let mut no_database = url::Url::parse(c.database_url.expose_secret()).unwrap();
+    no_database.set_path("/no_such_database_0451");
+    for url in [wrong_password, no_database] {
+        for args in [&["status"][..], &["migrate"][..]] {
+            let ran = vidpipe(
+                args,
+                &[("VIDPIPE_DATABASE_URL", url.to_string())],
+                Duration::from_secs(60),
+            )
+            .await;
+            assert_eq!(ran.code, Some(2), "{args:?} {url}: {ran:?}");
+            assert!(ran.stderr.contains("PostgreSQL"), "{ran:?}");
+            assert!(!ran.stderr.contains("not-the-password"), "{ran:?}");
+        }
+    }
+}

@@ -30,6 +30,22 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl DbError {
+    /// Whether the settings are wrong rather than the server away: the
+    /// login was refused (SQLSTATE 28000, 28P01) or the database does not
+    /// exist (3D000). Trying again will not help; fixing `database_url`
+    /// will.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            DbError::Connect {
+                source: sqlx::Error::Database(d),
+                ..
+            } => matches!(d.code().as_deref(), Some("28000" | "28P01" | "3D000")),
+            _ => false,
+        }
+    }
+}
+
 /// Whether PostgreSQL did not answer or will not serve us now (try again
 /// later; an operator's matter, not a fault in a request or a query): no
 /// connection, or a connection exception (SQLSTATE class 08), bad
