@@ -747,16 +747,15 @@ pub async fn replay(
         return ExitCode::SUCCESS;
     }
     let (stage, topic) = (plan.stage.clone(), plan.topic.clone());
-    // Ctrl-C stops between videos, never between a video's move to
-    // `queued` and the send of its record.
+    // Ctrl-C (or SIGTERM) stops between videos, never between a video's
+    // move to `queued` and the send of its record.
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("stopping after the video under way");
-                stop.cancel();
-            }
+            crate::wait_for_signal().await;
+            eprintln!("stopping after the video under way");
+            stop.cancel();
         })
     };
     let sent = replay::send(config, &pool, plan, &stop).await;

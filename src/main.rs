@@ -30,7 +30,7 @@ use vidpipe::store::db;
         "  2  usage or configuration error: a bad argument, URL or setting\n",
         "  3  a service cannot be reached; the message names it (Kafka, the schema registry,\n",
         "     PostgreSQL, RabbitMQ)\n",
-        "  130  replay stopped by Ctrl-C between videos\n",
+        "  130  replay stopped by Ctrl-C or SIGTERM between videos\n",
         "\n",
         "Configuration: vidpipe.toml (or the file in VIDPIPE_CONFIG) and VIDPIPE_* environment\n",
         "variables, which win; `vidpipe config` prints it. `vidpipe help COMMAND` for more.",
@@ -158,7 +158,7 @@ enum Command {
     /// --since/--until, or, where the topic no longer holds it, the one the
     /// previous stage's status row kept. Exit codes: 0 replayed (or nothing
     /// matched the range), 1 an unknown video or one with no input record,
-    /// 2 usage, 3 a service is unreachable, 130 stopped by Ctrl-C between
+    /// 2 usage, 3 a service is unreachable, 130 stopped by Ctrl-C or SIGTERM between
     /// videos.
     #[command(after_help = concat!(
         "Examples:\n",
@@ -513,7 +513,7 @@ async fn run(config: Config, stages: Vec<String>, instance: Option<String>) -> E
 }
 
 /// SIGTERM (from a supervisor) or ctrl-c.
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
