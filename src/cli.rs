@@ -748,12 +748,29 @@ pub async fn replay(
     }
     let (stage, topic) = (plan.stage.clone(), plan.topic.clone());
     // Ctrl-C (or SIGTERM) stops between videos, never between a video's
-    // move to `queued` and the send of its record.
+    // move to `queued` and the send of its record. The handlers are
+    // installed here, before sending begins, not when a task first runs:
+    // a signal in between would kill the command with the default action.
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
         let stop = stop.clone();
         tokio::spawn(async move {
-            crate::wait_for_signal().await;
+            // A handler that could not be installed never fires.
+            async fn fired(s: Option<&mut tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                _ = fired(term.as_mut()) => {}
+                _ = fired(int.as_mut()) => {}
+            }
             eprintln!("stopping after the video under way");
             stop.cancel();
         })

@@ -491,6 +491,11 @@ async fn run(config: Config, stages: Vec<String>, instance: Option<String>) -> E
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
+        // A refused login or a missing database: settings, not an outage.
+        Err(ref e @ RunError::Database(_, ref source)) if source.is_configuration() => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(3);
@@ -513,7 +518,7 @@ async fn run(config: Config, stages: Vec<String>, instance: Option<String>) -> E
 }
 
 /// SIGTERM (from a supervisor) or ctrl-c.
-pub(crate) async fn wait_for_signal() {
+async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

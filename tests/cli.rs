@@ -678,7 +678,7 @@ async fn a_refused_login_or_a_missing_database_is_exit_2() {
     let mut no_database = url::Url::parse(c.database_url.expose_secret()).unwrap();
     no_database.set_path("/no_such_database_0451");
     for url in [wrong_password, no_database] {
-        for args in [&["status"][..], &["migrate"][..]] {
+        for args in [&["status"][..], &["migrate"][..], &["run"][..]] {
             let ran = vidpipe(
                 args,
                 &[("VIDPIPE_DATABASE_URL", url.to_string())],

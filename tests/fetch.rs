@@ -1101,7 +1101,14 @@ async fn ytdlp_gets_the_proxy_secret_in_its_environment_not_its_arguments() {
     let env = std::fs::read_to_string(&env).expect("the environment was written");
     assert!(!args.contains(&secret), "{args}");
     assert!(!args.contains("--proxy"), "{args}");
-    for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+    for name in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
         assert!(
             env.lines()
                 .any(|l| l == format!("{name}={}", egress.proxy_url())),
@@ -1171,8 +1178,51 @@ async fn ytdlp_led_to_a_private_address_is_stopped_by_the_egress_proxy() {
     assert!(hits.load(Ordering::SeqCst) > 0);
 }
 
-/// Sends `head` to the proxy at `proxy` and returns what it answered
-/// before closing (for a tunnel: after `then` was sent through it).
+/// A redirect to `ftp://` on a blocked address: the proxy variables cover
+/// every scheme (`all_proxy`), so nothing connects past the proxy.
+#[tokio::test]
+async fn ytdlp_led_to_an_ftp_address_connects_nowhere() {
+    let listener = TcpListener::bind("127.0.0.2:0")
+        .await
+        .expect("bind 127.0.0.2");
+    let internal = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let target = format!("ftp://{internal}/secret.mp3");
+    let (site, _) = serve("127.0.0.1:0", move |_, mut s| {
+        let target = target.clone();
+        async move { respond(&mut s, "302 Found", &[("Location", target.as_str())], b"").await }
+    })
+    .await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("download");
+    let url = format!("http://{site}/video.mp3");
+    guarded_ytdlp("127.0.0.1/32")
+        .await
+        .download(&url, &dir, &CancellationToken::new())
+        .await
+        .expect_err("the redirect leads nowhere it may go");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the ftp address was reached"
+    );
+    // The premise: yt-dlp on its own follows that redirect.
+    let _ = ytdlp(10 << 20, Duration::from_secs(60))
+        .download(&url, &dir, &CancellationToken::new())
+        .await;
+    assert!(
+        hits.load(Ordering::SeqCst) > 0,
+        "without the proxy yt-dlp connects to the ftp address"
+    );
+}
+
 /// `head` with the `Proxy-Authorization` of `egress` after its request
 /// line (the proxy serves nobody without it).
 fn authed(egress: &Egress, head: &str) -> String {
@@ -1183,6 +1233,8 @@ fn authed(egress: &Egress, head: &str) -> String {
     format!("{line}\r\nProxy-Authorization: Basic {value}\r\n{rest}")
 }
 
+/// Sends `head` to the proxy at `proxy` and returns what it answered
+/// before closing (for a tunnel: after `then` was sent through it).
 async fn through_proxy(proxy: &str, head: &str, then: &[u8]) -> String {
     let mut s = TcpStream::connect(proxy).await.expect("the proxy listens");
     s.write_all(head.as_bytes()).await.expect("send");

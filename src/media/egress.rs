@@ -27,8 +27,9 @@
 //! Only yt-dlp may use it: every request must carry `Proxy-Authorization`
 //! with a secret made at start (407 otherwise). The secret reaches yt-dlp in
 //! its environment, which only its own user can read, never on its command
-//! line, which every local user can; any other process on the machine gets
-//! nothing from the port.
+//! line, which every local user can; any other process on the machine can
+//! reach nothing through the port (it can still hold one of its slots for
+//! the few seconds a request head may take).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,8 +52,10 @@ const MAX_HEAD: usize = 16 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ADDRESSES: usize = 3;
 
-/// Time for yt-dlp to send a request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for yt-dlp to send a request head: it sends it as soon as it is
+/// connected, and a local process without the secret that connects and
+/// waits holds a slot no longer.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections served at once: yt-dlp opens a few per run; anything on the
 /// machine can connect to the port, and each costs two descriptors.

@@ -541,10 +541,21 @@ impl Ytdlp {
         if let Some(egress) = &self.egress {
             // Every request of yt-dlp through the egress proxy. Python reads
             // the lower-case names first; the upper-case ones are set too so
-            // that no other value can be found. Nothing else of the proxy
-            // environment (no_proxy) is passed on (`tool_env`).
+            // that no other value can be found. `all_proxy` is what --proxy
+            // set: without it a scheme with no proxy of its own (ws, wss, or
+            // ftp after a redirect) would connect directly; with it, the
+            // websocket handler refuses (it takes SOCKS proxies only) and
+            // ftp goes to the proxy, which refuses it. Nothing else of the
+            // proxy environment (no_proxy) is passed on (`tool_env`).
             let url = egress.proxy_url();
-            for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+            for name in [
+                "http_proxy",
+                "https_proxy",
+                "all_proxy",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "ALL_PROXY",
+            ] {
                 command.env(name, &url);
             }
         }
