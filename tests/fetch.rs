@@ -1101,14 +1101,7 @@ async fn ytdlp_gets_the_proxy_secret_in_its_environment_not_its_arguments() {
     let env = std::fs::read_to_string(&env).expect("the environment was written");
     assert!(!args.contains(&secret), "{args}");
     assert!(!args.contains("--proxy"), "{args}");
-    for name in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
+    for name in vidpipe::media::ytdlp::PROXY_VARIABLES {
         assert!(
             env.lines()
                 .any(|l| l == format!("{name}={}", egress.proxy_url())),
@@ -1135,6 +1128,17 @@ async fn ytdlp_behind_the_egress_proxy_downloads_from_an_allowed_address() {
     assert_eq!(std::fs::read(&got.path).expect("the file exists"), mp3);
 }
 
+/// A site on 127.0.0.1 whose every page redirects to `target`: the URL
+/// of one of its pages.
+async fn redirecting_site(target: String) -> String {
+    let (site, _) = serve("127.0.0.1:0", move |_, mut s| {
+        let target = target.clone();
+        async move { respond(&mut s, "302 Found", &[("Location", target.as_str())], b"").await }
+    })
+    .await;
+    format!("http://{site}/video.mp3")
+}
+
 #[tokio::test]
 async fn ytdlp_led_to_a_private_address_is_stopped_by_the_egress_proxy() {
     // The internal service: loopback 127.0.0.2, not exempted.
@@ -1149,15 +1153,9 @@ async fn ytdlp_led_to_a_private_address_is_stopped_by_the_egress_proxy() {
     })
     .await;
     // The site (exempted, like a public one) redirects there.
-    let target = format!("http://{internal}/secret.mp3");
-    let (site, _) = serve("127.0.0.1:0", move |_, mut s| {
-        let target = target.clone();
-        async move { respond(&mut s, "302 Found", &[("Location", target.as_str())], b"").await }
-    })
-    .await;
+    let url = redirecting_site(format!("http://{internal}/secret.mp3")).await;
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("download");
-    let url = format!("http://{site}/video.mp3");
     let err = guarded_ytdlp("127.0.0.1/32")
         .await
         .download(&url, &dir, &CancellationToken::new())
@@ -1194,15 +1192,9 @@ async fn ytdlp_led_to_an_ftp_address_connects_nowhere() {
             drop(s);
         }
     });
-    let target = format!("ftp://{internal}/secret.mp3");
-    let (site, _) = serve("127.0.0.1:0", move |_, mut s| {
-        let target = target.clone();
-        async move { respond(&mut s, "302 Found", &[("Location", target.as_str())], b"").await }
-    })
-    .await;
+    let url = redirecting_site(format!("ftp://{internal}/secret.mp3")).await;
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("download");
-    let url = format!("http://{site}/video.mp3");
     guarded_ytdlp("127.0.0.1/32")
         .await
         .download(&url, &dir, &CancellationToken::new())

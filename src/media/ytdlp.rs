@@ -43,6 +43,16 @@ const DOWNLOAD_STDOUT_CAP: usize = 1 << 20;
 /// Most stdout read from a listing (one JSON document).
 const LIST_STDOUT_CAP: usize = 32 << 20;
 
+/// The variables that give yt-dlp the egress proxy (see `Ytdlp::run`).
+pub const PROXY_VARIABLES: [&str; 6] = [
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+];
+
 /// The file name stem of every download.
 const STEM: &str = "media";
 
@@ -548,14 +558,7 @@ impl Ytdlp {
             // ftp goes to the proxy, which refuses it. Nothing else of the
             // proxy environment (no_proxy) is passed on (`tool_env`).
             let url = egress.proxy_url();
-            for name in [
-                "http_proxy",
-                "https_proxy",
-                "all_proxy",
-                "HTTP_PROXY",
-                "HTTPS_PROXY",
-                "ALL_PROXY",
-            ] {
+            for name in PROXY_VARIABLES {
                 command.env(name, &url);
             }
         }
