@@ -10,7 +10,7 @@
 # BENCH_ASR_CPUS (default 0), and everything else (the stack's services,
 # the benchmark, vidpipe's stages, ffmpeg, the script) on BENCH_REST_CPUS
 # (default: the other CPUs). The ASR-alone run, the script and vidpipe all
-# use that server. The services are given back every CPU at the end.
+# use that server. The services get their own CPU lists back at the end.
 #
 # Usage: benches/pinned.sh [extra cargo bench arguments]
 #   BENCH_ROUNDS, BENCH_ASR_CONCURRENCY: as for the pipeline benchmark.
@@ -20,24 +20,55 @@ cd "$(dirname "$0")/.."
 
 STACK=$(realpath -m -- "${VIDPIPE_STACK_DIR:-$PWD/.stack}")
 CACHE=${VIDPIPE_CACHE_DIR:-${HOME:-/root}/.cache/vidpipe}
-CPUS=$(nproc --all)
-ASR_CPUS=${BENCH_ASR_CPUS:-0}
-REST_CPUS=${BENCH_REST_CPUS:-1-$((CPUS - 1))}
+die() { echo "pinned.sh: $*" >&2; exit 2; }
+command -v taskset > /dev/null || die "taskset (util-linux) is needed"
+
+# The CPUs this process may use (cpusets included), and a list's CPUs.
+ALLOWED=$(taskset -c -p $$ | sed 's/.*: //')
+expand() {
+  local part out=()
+  IFS=, read -ra parts <<< "$1"
+  for part in "${parts[@]}"; do
+    if [[ $part =~ ^([0-9]+)-([0-9]+)$ ]]; then
+      out+=($(seq "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"))
+    elif [[ $part =~ ^[0-9]+$ ]]; then
+      out+=("$part")
+    else
+      return 1
+    fi
+  done
+  echo "${out[@]}"
+}
+ALL=($(expand "$ALLOWED")) || die "cannot read this process's CPU list: $ALLOWED"
+ASR_CPUS=${BENCH_ASR_CPUS:-${ALL[0]}}
+ASR=($(expand "$ASR_CPUS")) || die "BENCH_ASR_CPUS=$ASR_CPUS is not a CPU list (e.g. 0 or 0,2 or 0-1)"
+if [[ -z ${BENCH_REST_CPUS:-} ]]; then
+  REST=()
+  for c in "${ALL[@]}"; do [[ " ${ASR[*]} " == *" $c "* ]] || REST+=("$c"); done
+  REST_CPUS=$(IFS=,; echo "${REST[*]}")
+else
+  REST_CPUS=$BENCH_REST_CPUS
+  REST=($(expand "$REST_CPUS")) || die "BENCH_REST_CPUS=$REST_CPUS is not a CPU list"
+fi
+((${#ALL[@]} >= 2)) || die "needs at least 2 CPUs, this process may use ${#ALL[@]}"
+[[ -n $REST_CPUS ]] || die "no CPU is left for the rest once the ASR server has $ASR_CPUS"
+for c in "${ASR[@]}"; do
+  [[ " ${REST[*]} " != *" $c "* ]] || die "CPU $c is in both BENCH_ASR_CPUS and BENCH_REST_CPUS"
+done
 PORT=${BENCH_ASR_PORT:-8020}
 PROFILE=${BENCH_PROFILE:-bench-opt}
 
-die() { echo "pinned.sh: $*" >&2; exit 2; }
-command -v taskset > /dev/null || die "taskset (util-linux) is needed"
-((CPUS >= 2)) || die "needs at least 2 CPUs, this machine has $CPUS"
 [[ -f $STACK/env && -f $STACK/asr/models.yaml ]] ||
   die "no stack in $STACK: start it first (scripts/stack up)"
 SERVER=$CACHE/venv/asr/bin/faster-whisper-server
 [[ -x $SERVER ]] || die "no ASR server at $SERVER (scripts/stack up installs it)"
-# Worker processes: one per CPU of the ASR's list (e.g. 0 or 0,2 or 0-1).
-WORKERS=$(taskset -c "$ASR_CPUS" nproc) || die "BENCH_ASR_CPUS=$ASR_CPUS is not a CPU list"
+# Worker processes: one per CPU of the ASR's list.
+WORKERS=${#ASR[@]}
 
-# The stack's services, each a session of its own (scripts/stack starts
-# them with setsid), and PostgreSQL's postmaster with its backends.
+# The stack's services: each leads a session of its own (scripts/stack
+# starts them with setsid), PostgreSQL's postmaster with its backends. A
+# pid file whose pid does not lead its own session is stale (the pid was
+# given to another process): it is left alone.
 services() {
   local f pid sid
   for f in "$STACK"/run/*.pid "$STACK"/postgres/data/postmaster.pid; do
@@ -45,20 +76,30 @@ services() {
     pid=$(head -n 1 "$f")
     [[ $pid =~ ^[0-9]+$ ]] || continue
     sid=$(ps -o sid= -p "$pid" | tr -d ' ') || continue
-    [[ -n $sid ]] && pgrep -s "$sid" || true
+    [[ $sid == "$pid" ]] || continue
+    pgrep -s "$sid" || true
   done
 }
+# Each process's CPU list before pinning, to give it back.
+declare -A SAVED=()
 pin() {
   local pid
   for pid in $(services); do
+    [[ -n ${SAVED[$pid]:-} ]] || SAVED[$pid]=$(taskset -c -p "$pid" 2> /dev/null | sed 's/.*: //')
     taskset -a -p -c "$1" "$pid" > /dev/null 2>&1 || true
+  done
+}
+unpin() {
+  local pid
+  for pid in "${!SAVED[@]}"; do
+    [[ -n ${SAVED[$pid]} ]] && taskset -a -p -c "${SAVED[$pid]}" "$pid" > /dev/null 2>&1 || true
   done
 }
 
 ASR_PID=
 cleanup() {
   [[ -n $ASR_PID ]] && kill -- "-$ASR_PID" 2> /dev/null || true
-  pin "0-$((CPUS - 1))"
+  unpin
 }
 trap cleanup EXIT
 

@@ -36,8 +36,13 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
     let mut audio_secs = 0.0;
+    // `BENCH_SENTENCES` sentences per video (default 3: 13.7 s of speech);
+    // longer videos make the fixed time to the first clip a smaller share.
+    let sentences: usize = std::env::var("BENCH_SENTENCES")
+        .map(|v| v.parse().expect("BENCH_SENTENCES: a count"))
+        .unwrap_or(3);
     for i in 0..VIDEOS {
-        let text: Vec<&str> = (0..3)
+        let text: Vec<&str> = (0..sentences)
             .map(|k| SENTENCES[(i + k) % SENTENCES.len()])
             .collect();
         spoken_video(work, &format!("v{i}.mp4"), &text.join(" ")).expect("espeak-ng and ffmpeg");
