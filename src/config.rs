@@ -687,6 +687,13 @@ fn parse_env_file(text: &str) -> BTreeMap<String, String> {
 mod tests {
     use super::*;
 
+    /// The defaults with `toml` over them, extracted and checked.
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+        )
+    }
+
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let figment = Figment::from(Serialized::defaults(Config::default()))
@@ -740,11 +747,6 @@ mod tests {
 
     #[test]
     fn tool_niceness_is_a_nice_value() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         assert_eq!(load("").unwrap().media.tool_niceness, 10);
         assert_eq!(
             load("[media]\ntool_niceness = 0\n")
@@ -763,11 +765,6 @@ mod tests {
 
     #[test]
     fn max_backfill_is_bounded_by_what_one_poll_takes() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         assert_eq!(
             load("[media]\nmax_backfill = 500\n")
                 .unwrap()
@@ -783,11 +780,6 @@ mod tests {
 
     #[test]
     fn tool_executables_are_configurable_and_never_empty() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         let defaults = load("").unwrap().media;
         assert_eq!(
             (defaults.ffmpeg.as_str(), defaults.ffprobe.as_str()),
@@ -814,11 +806,6 @@ mod tests {
 
     #[test]
     fn api_hosts_are_names_and_the_request_timeout_is_positive() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         let c = load("api_hosts = \"vidpipe.example.com, vidpipe\"\n").unwrap();
         assert_eq!(c.api_hosts, "vidpipe.example.com, vidpipe");
         for bad in [
@@ -837,11 +824,6 @@ mod tests {
 
     #[test]
     fn an_api_token_is_long_and_has_no_spaces() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         let set = load("api_token = \"0123456789abcdef\"").expect("16 characters");
         assert_eq!(
             set.api_token
@@ -877,11 +859,6 @@ mod tests {
 
     #[test]
     fn s3_storage_settings_parse_and_are_checked_by_name() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         let config = load(
             "storage = \"s3://media-bucket/vidpipe/prod\"
 [s3]
@@ -929,11 +906,6 @@ secret_access_key = \"s3-secret-canary\"
 
     #[test]
     fn per_stage_limits_parse_and_name_real_stages() {
-        let load = |toml: &str| {
-            Config::from_figment(
-                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
-            )
-        };
         let config = load(
             "[runner.stage_in_flight]
 transcribe = 3

@@ -1009,16 +1009,13 @@ async fn ytdlp_is_stopped_with_every_process_it_started() {
     let work = tempfile::tempdir().expect("temp dir");
     let pid_file = work.path().join("child.pid");
     let exe = work.path().join("yt-dlp");
-    std::fs::write(
+    crate::helpers::script(
         &exe,
-        format!(
+        &format!(
             "#!/bin/sh\nsleep 600 &\necho $! > '{}'\nwait\n",
             pid_file.display()
         ),
-    )
-    .expect("write the script");
-    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("make it executable");
+    );
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     let watched = pid_file.clone();
@@ -1070,17 +1067,14 @@ async fn ytdlp_gets_the_proxy_secret_in_its_environment_not_its_arguments() {
     let work = tempfile::tempdir().expect("temp dir");
     let (args, env) = (work.path().join("args"), work.path().join("env"));
     let exe = work.path().join("yt-dlp");
-    std::fs::write(
+    crate::helpers::script(
         &exe,
-        format!(
+        &format!(
             "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\nenv > '{}'\nexit 1\n",
             args.display(),
             env.display()
         ),
-    )
-    .expect("write the script");
-    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("make it executable");
+    );
     let egress = Arc::new(
         Egress::start(AddressPolicy::strict(), Duration::from_secs(30))
             .await
@@ -1526,13 +1520,10 @@ async fn an_oversized_listing_is_a_permanent_failure() {
     // so it is permanent, and the run is not left waiting on the pipe.
     let work = tempfile::tempdir().expect("temp dir");
     let exe = work.path().join("yt-dlp");
-    std::fs::write(
+    crate::helpers::script(
         &exe,
         "#!/bin/sh\nprintf '{\"entries\": [], \"pad\": \"'\nhead -c 34603008 /dev/zero | tr '\\0' a\nprintf '\"}'\n",
-    )
-    .expect("write the script");
-    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("make it executable");
+    );
     let err = Ytdlp::new(&exe, 10 << 20, Duration::from_secs(60))
         .list("https://www.youtube.com/@someone", 10)
         .await

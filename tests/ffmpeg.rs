@@ -250,13 +250,10 @@ async fn speech_in_a_video_becomes_one_16k_mono_chunk() {
 /// Writes an executable script at `path` that saves its environment
 /// (`env -0`) to `dump` and fails.
 fn env_dumper(path: &Path, dump: &Path) {
-    std::fs::write(
+    crate::helpers::script(
         path,
-        format!("#!/bin/sh\nenv -0 > '{}'\nexit 1\n", dump.display()),
-    )
-    .expect("write the script");
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("make it executable");
+        &format!("#!/bin/sh\nenv -0 > '{}'\nexit 1\n", dump.display()),
+    );
 }
 
 /// The names of the variables in an `env -0` dump.

@@ -9,6 +9,13 @@ use rdkafka::client::DefaultClientContext;
 use sqlx::PgPool;
 use vidpipe::config::Config;
 
+/// Writes `body` to `path` as an executable script (a stand-in for a tool).
+pub fn script(path: &std::path::Path, body: &str) {
+    std::fs::write(path, body).expect("write the script");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+}
+
 /// The configuration a program on this machine gets with nothing set: the
 /// built-in defaults plus the env file of the running stack.
 pub fn config() -> Config {

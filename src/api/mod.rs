@@ -632,7 +632,10 @@ pub async fn serve(
         return Err(ServeError::Unprotected(addr.to_string()));
     }
     let handle = metrics::install().map_err(ServeError::Metrics)?;
-    let state = Arc::new(State::new(config, Some(handle))?);
+    let mut state = State::new(config, Some(handle))?;
+    // Tracked work stops when the server begins to shut down.
+    state.stopping = shutdown.clone();
+    let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -645,15 +648,7 @@ pub async fn serve(
     state.refresh_stages();
     println!("vidpipe serve: listening on http://{local}");
     tracing::info!(address = %local, "serving the API and status pages");
-    let stopping = state.stopping.clone();
     let tasks = state.tasks.clone();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            stopping.cancel();
-        }
-    });
     listen::run(listener, app(state), shutdown).await;
     // A replay stops between videos, never between a video's move to
     // `queued` and the send of its record: wait for that point.
