@@ -101,7 +101,7 @@ impl Services {
             policy,
             FetchLimits {
                 max_bytes: m.max_download_bytes,
-                deadline: Duration::from_secs(m.download_timeout_secs),
+                deadline: download_timeout,
                 min_bytes_per_sec: m.min_download_rate,
                 rate_window: Duration::from_secs(m.min_rate_window_secs.max(1)),
                 ..FetchLimits::default()
